@@ -1,0 +1,494 @@
+"""Proxy-KD losses: Chen et al. 2024, "Knowledge Distillation of Black-Box Large Language Models"
+(arXiv 2401.07013), Sections 3.2-3.4, Eq. 1-11. Pure tensor functions; the training loops live in
+train_proxy.py and train_student.py.
+
+Notation (the paper's): pi_t the black-box teacher, pi_p the proxy, pi_s the student, x the prompt,
+y the teacher's response (DPO "chosen"), y_hat the proxy's own sample (DPO "rejected"), beta the DPO
+temperature, w the per-sample trust weight with mu / gamma the mean / std of log pi_p(y|x) over D_s,
+alpha the weight of the KL term.
+
+Conventions shared by every function
+- logits (B, T, V) and labels (B, T) come straight from data.collate: labels are aligned with input_ids,
+  -100 (IGNORE_INDEX) on prompt and pad. Every function shifts: logits[:, t] predicts labels[:, t+1],
+  so per-position outputs are (B, T-1) and the response mask is labels[:, 1:] != -100.
+- Proxy top-k caches are (B, T-1, k) on that same shifted grid: entry t is pi_p's distribution for
+  predicting labels[:, t+1] (computed from position t's hidden state).
+- Math is fp32: bf16/fp16 inputs are upcast (fp64 stays fp64, which the tests use). No .item(), no host
+  syncs, so nothing here stalls an accelerator.
+
+Reductions (chosen so micro-batch accumulation and ranks are exact)
+    Let N be the number of response tokens of a whole optimizer step (summed over micro-batches and
+    ranks) and P its number of preference pairs. Then, with KL_i = sum over sequence i's response
+    tokens of the per-token KL:
+      Eq. 7   L_Student-NLL = sum_tokens -log pi_s(y_t|x, y_<t) / N
+      Eq. 10  L_Weight-KL   = sum_i w_i * KL_i / N          (so the weighted KL is per token too)
+      Eq. 11  L_Student     = L_Student-NLL + alpha * L_Weight-KL
+      Eq. 3   L_Proxy-NLL   = sum_tokens -log pi_p(y_t|x, y_<t) / N
+      Eq. 5   L_Pref        = sum_pairs L_DPO / P
+    Every loss takes that divisor (`n_tokens`, `n_pairs`); pass the step's global value to each
+    micro-batch call and the sum of the micro-batch losses equals one big batch's loss, values and
+    gradients. Defaults use this batch's own count (a plain mean). FSDP/DDP *average* gradients over
+    ranks, so under them pass n_tokens = N / world_size (same for n_pairs).
+    The paper writes Eq. 1/3/7 as a per-sequence expectation; N = number of sequences reproduces that
+    literally. Per-token normalisation scales Eq. 7 and Eq. 10 by the same constant, so alpha keeps its
+    meaning (alpha = 100 as in the paper); it does shift the NLL-vs-DPO balance of Eq. 6 by
+    1 / mean response length relative to the literal sequence form.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# gamma below GAMMA_EPS * (1 + |mu|) counts as zero spread: fp64 moments of a constant input leave a
+# variance of a few ulps, which would otherwise turn rounding noise into +-1 z-scores.
+GAMMA_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """At least fp32, fp64 if any input is fp64."""
+    dtype = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def response_mask(labels: Tensor) -> Tensor:
+    """labels (B, T) -> (B, T-1) bool: True where labels[:, t+1] is a response token to score."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def num_response_tokens(labels: Tensor) -> Tensor:
+    """labels (B, T) -> () long: number of scored (shifted, non -100) positions. Sum it over the
+    micro-batches of a step (and all_reduce over ranks) to get the `n_tokens` divisor."""
+    return response_mask(labels).sum()
+
+
+def _shifted_targets(labels: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """labels (B, T) -> targets (B, T-1) long with ignored positions set to 0 (a valid index), mask
+    (B, T-1) bool. An extra `mask` is ANDed in."""
+    m = response_mask(labels)
+    if mask is not None:
+        m = m & mask
+    return labels[:, 1:].masked_fill(~m, 0), m
+
+
+def _divisor(n: Tensor | float | None, labels: Tensor) -> Tensor | float:
+    return num_response_tokens(labels).clamp(min=1) if n is None else n
+
+
+def _label_logps(logits: Tensor, y: Tensor, lse: Tensor) -> Tensor:
+    """logits (..., V), y (...), lse (...) the log-partition -> log pi(y) (...)."""
+    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+
+
+def _coarse_kl(logits: Tensor, lse: Tensor, ids: Tensor, p_lp: Tensor) -> Tensor:
+    """Per-position KL(p_coarse || q_coarse) over k+1 buckets (Eq. 8 on a top-k cache).
+
+    logits (..., V) student logits (compute dtype), lse (...) their logsumexp, ids (..., k) long,
+    p_lp (..., k) proxy log-probs normalised over the full vocabulary -> (...) KL >= 0.
+    Buckets: the k cached tokens, plus (when k < V) one tail bucket holding everything else:
+    p_tail = 1 - sum_k p_k, q_tail = 1 - sum_k q_k. When k == V there is no tail and this is the exact
+    full-vocabulary KL.
+    """
+    V, k = logits.shape[-1], ids.shape[-1]
+    log_q_k = logits.gather(-1, ids) - lse.unsqueeze(-1)  # log pi_s on the k cached ids
+    if k >= V:
+        # no tail bucket: renormalise pi_p so fp16 rounding of the cache cannot make the sum != 1
+        log_p_k = p_lp.log_softmax(-1)
+        p_k = log_p_k.exp()
+        kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1)
+        return kl.clamp(min=0)  # rounding leaves ~-1e-16 when pi_s ~= pi_p; true value >= 0
+    lse_p = p_lp.logsumexp(-1)
+    # fp16 rounding can push sum_k p_k slightly above 1: renormalise only then (tail = 0), so the
+    # coarse pi_p is always a proper distribution and the KL stays >= 0
+    log_p_k = p_lp - lse_p.clamp(min=0).unsqueeze(-1)
+    p_k = log_p_k.exp()
+    p_tail = -torch.expm1(lse_p.clamp(max=0))  # 1 - sum_k p_k, exact for tiny tails, >= 0
+    # student tail = logsumexp over the complement of the k ids. Computing it by masking (instead of
+    # log(1 - sum_k q_k)) stays exact when pi_s puts all but 1e-9 of its mass on the k ids.
+    log_q_tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
+    kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+    # the true value is >= 0; when pi_s ~= pi_p rounding leaves ~-1e-16, where the gradient is ~0 anyway
+    return kl.clamp(min=0)
+
+
+def _clean_topk(ids: Tensor, p_lp: Tensor, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Replace cache entries at masked positions (padding: any value, NaN, out-of-range ids) with
+    harmless ones so they cannot leak NaN into gradients; the proxy is a constant target."""
+    m = ~mask.unsqueeze(-1)
+    return ids.long().masked_fill(m, 0), p_lp.detach().to(dtype).masked_fill(m, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# log-likelihoods and NLL (Eq. 1 / 3 / 7)
+
+
+def token_logps(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-position log pi(y_t | x, y_<t), Eq. 1 inside the expectation.
+
+    logits (B, T, V) any float dtype, labels (B, T) with -100 ignored, optional mask (B, T-1) bool ANDed
+    with the response mask -> (B, T-1) fp32, 0 where masked. Position t scores labels[:, t+1].
+    """
+    y, m = _shifted_targets(labels, mask)
+    logits = logits[:, :-1]
+    logits = logits.to(_compute_dtype(logits))
+    return _label_logps(logits, y, logits.logsumexp(-1)).masked_fill(~m, 0.0)
+
+
+def sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor | None = None) -> Tensor:
+    """log pi(y|x) = sum over response tokens of log pi(y_t | x, y_<t) (Eq. 1, 3, 4, 9).
+
+    logits (B, T, V), labels (B, T) (-100 ignored, shifted inside), optional mask (B, T-1) -> (B,) fp32.
+    """
+    return token_logps(logits, labels, mask).sum(-1)
+
+
+def nll_loss(logits: Tensor, labels: Tensor, n_tokens: Tensor | float | None = None) -> Tensor:
+    """Hard-label NLL, Eq. 1 / 3 / 7: sum over response tokens of -log pi(y_t|...) divided by n_tokens.
+
+    logits (B, T, V), labels (B, T) -> () fp32. n_tokens: the step's global response-token count for
+    exact accumulation (see module docstring); default this batch's count, i.e. a per-token mean.
+    """
+    return -token_logps(logits, labels).sum() / _divisor(n_tokens, labels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# proxy alignment (Eq. 4-6)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair DPO loss, Eq. 4, with the standard minus sign.
+
+    L_DPO = -log sigma(beta * log[pi_p^(i)(y|x) / pi_p^(i-1)(y|x)] - beta * log[pi_p^(i)(y_hat|x) /
+    pi_p^(i-1)(y_hat|x)]). The paper prints Eq. 4 without the leading minus; minimising that would push
+    the proxy *away* from the teacher, so we use -logsigmoid as in Rafailov et al. (2023) and the
+    reference implementation (eric-mitchell/direct-preference-optimization, preference_loss).
+
+    All inputs (B,): sequence log-probs (sequence_logps) of y (chosen, the teacher's response) and
+    y_hat (rejected, the proxy's own sample) under the trained proxy pi_p^(i) and the frozen previous
+    iteration pi_p^(i-1) (treated as constants). Returns (losses (B,), chosen_rewards (B,),
+    rejected_rewards (B,)); rewards are beta * log(pi_p^(i) / pi_p^(i-1)), detached, for logging.
+    losses.mean() at policy == reference is log 2.
+    """
+    dtype = _compute_dtype(policy_chosen_logps, policy_rejected_logps)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    pi_logratios = pc - pr  # log pi_p^(i)(y|x) - log pi_p^(i)(y_hat|x)
+    ref_logratios = rc - rr  # same under pi_p^(i-1)
+    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))
+    chosen_rewards = beta * (pc - rc).detach()
+    rejected_rewards = beta * (pr - rr).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class ProxyLoss(NamedTuple):
+    loss: Tensor  # () differentiable: Eq. 6 = nll + pref
+    nll: Tensor  # () detached: Eq. 3, sum_tokens -log pi_p(y) / n_tokens
+    pref: Tensor  # () detached: Eq. 5, sum_pairs L_DPO / n_pairs
+    chosen_rewards: Tensor  # (B,) detached, beta * log pi_p^(i)(y|x) / pi_p^(i-1)(y|x)
+    rejected_rewards: Tensor  # (B,) detached, same for y_hat
+
+
+def proxy_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    n_tokens: Tensor | float,
+    beta: float = 0.1,
+    n_pairs: Tensor | float | None = None,
+) -> ProxyLoss:
+    """Proxy alignment objective, Eq. 6 = Eq. 3 (NLL on the teacher's y) + Eq. 5 (DPO y over y_hat).
+
+    Inputs (B,) as in dpo_loss. The NLL of Eq. 3 is -sum(policy_chosen_logps): the chosen responses are
+    the teacher's, so one forward over [y; y_hat] serves both terms. n_tokens: response tokens of the
+    chosen y (the step's global count for exact accumulation; pass the number of pairs for the literal
+    per-sequence Eq. 3). n_pairs: the step's global pair count, default B (a per-pair mean).
+    """
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    nll = -policy_chosen_logps.to(losses.dtype).sum() / n_tokens
+    pref = losses.sum() / (losses.shape[0] if n_pairs is None else n_pairs)
+    return ProxyLoss(nll + pref, nll.detach(), pref.detach(), chosen_rewards, rejected_rewards)
+
+
+# ---------------------------------------------------------------------------------------------------
+# sample weights (Eq. 9)
+
+
+def reduce_mean_std(x: Tensor, group=None) -> tuple[Tensor, Tensor]:
+    """Mean mu and population std gamma of x over all ranks (Eq. 9's moments over the whole D_s).
+
+    x (N_r,) this rank's values -> (mu (), gamma ()) fp64, identical on every rank. Uses one all_reduce
+    of (sum, sum of squares, count) in fp64 (fp64 keeps ss/n - mu^2 free of cancellation for
+    log-likelihoods of any realistic size) when torch.distributed is initialised -- a collective: every
+    rank of `group` must call it. Without torch.distributed it is the local mean/std. Correct both when
+    the ranks hold disjoint shards of D_s and when each holds all of it (sums and count scale alike).
+    """
+    x = x.detach().to(torch.float64).reshape(-1)
+    moments = torch.stack([x.sum(), (x * x).sum(), torch.ones_like(x).sum()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
+    s, ss, n = moments.unbind()
+    n = n.clamp(min=1)
+    mu = s / n
+    gamma = (ss / n - mu * mu).clamp(min=0).sqrt()
+    return mu, gamma
+
+
+def weight_scores(proxy_logps: Tensor, n_tokens: Tensor | None = None, per_token: bool = False) -> Tensor:
+    """The quantity Eq. 9 standardises: log pi_p(y|x) (paper, per_token=False) or its per-token mean
+    log pi_p(y|x) / |y| (per_token=True, removes the length bias of sequence sums).
+
+    proxy_logps (N,), n_tokens (N,) response lengths (required when per_token) -> (N,) fp64.
+    """
+    s = proxy_logps.detach().to(torch.float64)
+    if per_token:
+        if n_tokens is None:
+            raise ValueError("per_token=True needs n_tokens (the response length of each sample)")
+        s = s / n_tokens.to(torch.float64).clamp(min=1)
+    return s
+
+
+def sample_weights(
+    proxy_logps: Tensor,
+    n_tokens: Tensor | None = None,
+    per_token: bool = False,
+    mu: Tensor | float | None = None,
+    gamma: Tensor | float | None = None,
+    group=None,
+) -> Tensor:
+    """Per-sample trust weights, Eq. 9: w = sigmoid((s - mu) / gamma), s = weight_scores(...).
+
+    proxy_logps (N,): log pi_p(y|x) of the teacher's responses (e.g. the proxy cache's seq_logps),
+    n_tokens (N,) their response lengths (needed for per_token=True) -> (N,) fp32 in (0, 1), detached.
+    mu / gamma: the mean / population std of s over the WHOLE D_s. Default: computed from these values
+    with reduce_mean_std (all-reduced over `group` when torch.distributed is initialised, a collective),
+    so call it once on all of D_s (or on every rank with its shard), not per micro-batch.
+    gamma <= GAMMA_EPS * (1 + |mu|) (constant scores, N = 1) gives z = 0, i.e. w = 0.5, never NaN.
+    """
+    s = weight_scores(proxy_logps, n_tokens, per_token)
+    if mu is None or gamma is None:
+        mu, gamma = reduce_mean_std(s, group)
+    mu = torch.as_tensor(mu, dtype=torch.float64, device=s.device)
+    gamma = torch.as_tensor(gamma, dtype=torch.float64, device=s.device)
+    spread = gamma > GAMMA_EPS * (1 + mu.abs())
+    safe_gamma = torch.where(spread, gamma, torch.ones_like(gamma))  # no 0/0 even in the unused branch
+    z = torch.where(spread, (s - mu) / safe_gamma, torch.zeros_like(s))
+    return torch.sigmoid(z).float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# soft-label distillation from a top-k proxy cache (Eq. 8, 10, 11)
+
+
+def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logps: Tensor, mask: Tensor) -> Tensor:
+    """Per-sequence forward KL(pi_p || pi_s) from a cached proxy top-k, Eq. 8.
+
+    student_logits (B, T, V) (shifted inside: position t predicts labels[:, t+1]); topk_ids (B, T-1, k)
+    int; topk_logps (B, T-1, k) pi_p log-probs normalised over the FULL vocabulary (fp16/bf16 ok,
+    upcast, treated as constants); mask (B, T-1) bool, normally response_mask(labels). -> (B,) KL_i =
+    sum over masked-in positions of the per-token KL between the coarsened distributions (the k tokens
+    plus one tail bucket 1 - sum_k p). >= 0; equals the full-vocabulary KL when k = V, and by the data
+    processing inequality is <= it when k < V. Masked positions contribute nothing, whatever they hold.
+    """
+    logits = student_logits[:, :-1]
+    dtype = _compute_dtype(logits)
+    logits = logits.to(dtype)
+    ids, p_lp = _clean_topk(topk_ids, topk_logps, mask, dtype)
+    kl = _coarse_kl(logits, logits.logsumexp(-1), ids, p_lp)
+    return kl.masked_fill(~mask, 0.0).sum(-1)
+
+
+class StudentLoss(NamedTuple):
+    loss: Tensor  # () differentiable: Eq. 11 = nll + alpha * wkl
+    nll: Tensor  # () detached: Eq. 7, sum_tokens -log pi_s(y) / n_tokens
+    wkl: Tensor  # () detached: Eq. 10, sum_i w_i * KL_i / n_tokens (before alpha)
+    kl: Tensor  # (B,) detached: unweighted per-sequence KL_i, for logging
+
+
+def _student_reduce(
+    lp: Tensor, kl_seq: Tensor, labels: Tensor, weights: Tensor | None, alpha: float, n_tokens
+) -> StudentLoss:
+    """lp (B, T-1) masked log pi_s(y_t), kl_seq (B,) -> StudentLoss with the module's reduction."""
+    n = _divisor(n_tokens, labels)
+    nll = -lp.sum() / n
+    w = torch.ones_like(kl_seq) if weights is None else weights.detach().to(kl_seq.dtype)
+    wkl = (w * kl_seq).sum() / n  # Eq. 10: w(x,y) * D_KL(pi_p || pi_s), per token
+    return StudentLoss(nll + alpha * wkl, nll.detach(), wkl.detach(), kl_seq.detach())
+
+
+def student_loss(
+    student_logits: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logps: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 100.0,
+    n_tokens: Tensor | float | None = None,
+) -> StudentLoss:
+    """Student objective, Eq. 11 = Eq. 7 + alpha * Eq. 10:
+    loss = (sum_tokens -log pi_s(y_t) + alpha * sum_i w_i * KL_i) / n_tokens.
+
+    student_logits (B, T, V), labels (B, T) (the teacher's response y, -100 on prompt/pad), topk_ids /
+    topk_logps (B, T-1, k) the proxy cache on the shifted grid, weights (B,) from sample_weights (None =
+    all 1: the unweighted Eq. 8 ablation), n_tokens the divisor (module docstring; default this batch's
+    response-token count). The KL mask is response_mask(labels).
+    """
+    lp = token_logps(student_logits, labels)
+    kl_seq = topk_kl(student_logits, topk_ids, topk_logps, response_mask(labels))
+    return _student_reduce(lp, kl_seq, labels, weights, alpha, n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunked variants: (hidden (B, T, D), weight (V, D)) instead of logits. They are meant to be the
+# model's head_fn: `model(tokens, head_fn=lambda h, w: sequence_logps_chunked(h, w, labels))`, which
+# under FSDP2 runs them inside the root forward where the output weight is unsharded. fp32 logits exist
+# for one chunk of `chunk_size` positions at a time; under autograd each chunk is checkpointed, so the
+# backward recomputes a chunk's logits instead of keeping all of them alive.
+
+
+def _chunk_rows(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> h (B*(T-1), D) in its own dtype, w (V, D) in the compute dtype, y (B*(T-1),), mask (B*(T-1),)."""
+    B, T, D = hidden.shape
+    y, m = _shifted_targets(labels)
+    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
+    w = weight.to(_compute_dtype(hidden, weight))
+    return hidden[:, :-1].reshape(B * (T - 1), D), w, y.reshape(-1), m.reshape(-1)
+
+
+def _map_chunks(fn, chunk_size: int, h: Tensor, w: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Apply fn(h_c, w, *rows_c) -> tuple of (n_c, ...) tensors to row chunks and concatenate."""
+    n = h.shape[0]
+    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    outs = []
+    for s in range(0, max(n, 1), chunk_size):
+        args = (h[s : s + chunk_size], w, *(r[s : s + chunk_size] for r in rows))
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def _logp_rows(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor]:
+    logits = F.linear(h.to(w.dtype), w)  # (n, V) compute dtype: the only vocab-sized tensor
+    return (_label_logps(logits, y, logits.logsumexp(-1)),)
+
+
+def _student_rows(h: Tensor, w: Tensor, y: Tensor, ids: Tensor, p_lp: Tensor) -> tuple[Tensor, Tensor]:
+    logits = F.linear(h.to(w.dtype), w)  # (n, V)
+    lse = logits.logsumexp(-1)
+    return _label_logps(logits, y, lse), _coarse_kl(logits, lse, ids, p_lp)
+
+
+def token_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """token_logps from the final-normed hidden states without materialising (B, T, V).
+
+    hidden (B, T, D), weight (V, D) the output projection (bf16 ok), labels (B, T) -> (B, T-1) fp32,
+    0 where masked. chunk_size: positions per fp32 (chunk_size, V) logits block.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    (lp,) = _map_chunks(_logp_rows, chunk_size, h, w, y)
+    return lp.masked_fill(~m, 0.0).view(B, T - 1)
+
+
+def sequence_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """sequence_logps (Eq. 1, 3, 4, 9) from hidden (B, T, D), weight (V, D), labels (B, T) -> (B,) fp32.
+    The proxy's DPO/NLL forward: proxy_loss(*sequence_logps_chunked(...).split(...), ...)."""
+    return token_logps_chunked(hidden, weight, labels, chunk_size).sum(-1)
+
+
+def student_loss_chunked(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logps: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 100.0,
+    n_tokens: Tensor | float | None = None,
+    chunk_size: int = 1024,
+) -> StudentLoss:
+    """student_loss (Eq. 7 + alpha * Eq. 10 = Eq. 11) from hidden (B, T, D) and weight (V, D) instead of
+    logits; same arguments, reduction and result (equal up to float rounding). As a head_fn:
+    `model(tokens, head_fn=lambda h, w: student_loss_chunked(h, w, labels, ids, lps, wts, n_tokens=N))`.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    ids, p_lp = _clean_topk(topk_ids, topk_logps, m.view(B, T - 1), w.dtype)
+    k = ids.shape[-1]
+    lp, kl = _map_chunks(_student_rows, chunk_size, h, w, y, ids.reshape(-1, k), p_lp.reshape(-1, k))
+    lp = lp.masked_fill(~m, 0.0).view(B, T - 1)
+    kl_seq = kl.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
+    return _student_reduce(lp, kl_seq, labels, weights, alpha, n_tokens)
+
+
+@torch.no_grad()
+def topk_logps_chunked(
+    hidden: Tensor, weight: Tensor, labels: Tensor, k: int, chunk_size: int = 1024
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The proxy cache for Eq. 8-9, one pass: hidden (B, T, D), weight (V, D), labels (B, T) ->
+    (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k) fp32 log pi_p normalised over the full
+    vocabulary, sorted descending, seq_logps (B,) log pi_p(y|x) over response tokens).
+    Entry t is pi_p's distribution for predicting labels[:, t+1]; only positions with
+    response_mask(labels) True are meaningful (the rest are computed but ignored downstream).
+    No gradients. With k = 1, topk_ids[..., 0] == labels[:, 1:] is the top-1 agreement.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+
+    def rows(h_c: Tensor, w_c: Tensor, y_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = F.linear(h_c.to(w_c.dtype), w_c)  # (n, V)
+        lse = logits.logsumexp(-1)
+        vals, ids = logits.topk(k, dim=-1)
+        return ids.to(torch.int32), vals - lse.unsqueeze(-1), _label_logps(logits, y_c, lse)
+
+    ids, lps, lp = _map_chunks(rows, chunk_size, h, w, y)
+    seq = lp.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
+    return ids.view(B, T - 1, k), lps.view(B, T - 1, k), seq
+
+
+# ---------------------------------------------------------------------------------------------------
+# cache layout helpers (host side, for writing/reading the proxy cache; not for the training step)
+
+
+def topk_rows(topk_ids: Tensor, topk_logps: Tensor, labels: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(B, T-1, k) batch cache -> per example (ids (n_i, k), logps (n_i, k)) at its n_i response
+    positions, in order: the compact form to store. Inverse of pad_topk for the same labels."""
+    m = response_mask(labels)
+    return [(topk_ids[b][m[b]], topk_logps[b][m[b]]) for b in range(labels.shape[0])]
+
+
+def pad_topk(rows: list[tuple[Tensor, Tensor]], labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example cache rows (ids (n_i, k), logps (n_i, k)) + the batch labels (B, T) ->
+    (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k)) on the shifted grid, zeros where masked.
+    Raises ValueError if an example's row count differs from its response-token count (the cache was
+    built with another tokenizer / max_len)."""
+    m = response_mask(labels)
+    B, Tm1 = m.shape
+    k = rows[0][0].shape[-1]
+    ids = torch.zeros(B, Tm1, k, dtype=torch.int32)
+    lps = torch.zeros(B, Tm1, k, dtype=rows[0][1].dtype)
+    for b, (i, lp) in enumerate(rows):
+        pos = m[b].nonzero().squeeze(-1).cpu()
+        if pos.numel() != i.shape[0]:
+            raise ValueError(f"example {b}: cache has {i.shape[0]} positions, labels have {pos.numel()}")
+        ids[b, pos] = i.to(torch.int32).cpu()
+        lps[b, pos] = lp.cpu()
+    return ids.to(labels.device), lps.to(labels.device)
