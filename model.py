@@ -1,0 +1,506 @@
+"""A self-contained Llama (Llama-1/2 family incl. GQA) with Hugging Face parameter names, a KV cache and
+batched generation.
+
+Loads and saves the HF layout (config.json + model.safetensors, or a sharded model.safetensors.index.json)
+without transformers. Parity with transformers' LlamaForCausalLM is tested against logits that HF itself
+produced (scripts/make_hf_fixture.py -> testdata/hf_tiny/).
+
+Shapes: B batch, T new tokens, S = keys seen so far (cache + T), D dim, H query heads, G kv heads,
+hd head dim, V vocab.
+
+Padding conventions:
+- training batches are right-padded: pad keys come after every real key, so plain causal attention is
+  exact for the real positions and no mask is needed;
+- generation is left-padded: it passes position_ids (so each row's RoPE starts at 0 on its first real token)
+  and a key-padding mask (B, S).
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention (GQA)
+    head_dim: int | None = None  # None -> dim // n_heads
+    hidden_dim: int = 11008  # SwiGLU inner size
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048  # recorded as max_position_embeddings; RoPE itself is computed for any position
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "ModelArgs":
+        """config.json of a LlamaForCausalLM -> ModelArgs. Refuses features this model does not implement
+        rather than silently computing something else."""
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {d.get('model_type')!r} is not 'llama'")
+        # transformers < 5 writes rope_theta (+ rope_scaling), >= 5 writes rope_parameters
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise NotImplementedError(f"RoPE scaling {rope} is not supported")
+        if d.get("attention_bias") or d.get("mlp_bias"):
+            raise NotImplementedError("attention_bias / mlp_bias are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"hidden_act={d['hidden_act']!r} is not supported")
+        return cls(
+            dim=d["hidden_size"],
+            n_layers=d["num_hidden_layers"],
+            n_heads=d["num_attention_heads"],
+            n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"),
+            hidden_dim=d["intermediate_size"],
+            vocab_size=d["vocab_size"],
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)),
+            max_seq_len=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+        )
+
+    def to_hf_config(self) -> dict:
+        """ModelArgs -> config.json keys of a transformers LlamaForCausalLM (torch_dtype is added on save)."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": 0.02,
+        }
+
+
+PRESETS = {
+    # unit tests: GQA (2 query heads per kv head) so every code path is exercised
+    "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=256),
+    # CPU demo (DEMO_FACTS.md: dim 64 / 2 layers learns the toy task); vocab is set from the tokenizer
+    "demo-student": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=176, vocab_size=256,
+                         max_seq_len=512),
+    "demo-proxy": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=256,
+                       max_seq_len=512),
+    # meta-llama/Llama-2-*-hf config.json
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
+                       max_seq_len=4096),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824, vocab_size=32000,
+                        max_seq_len=4096),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000,
+                        max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back BEFORE the weight multiply: the order HF uses, so bf16 results match.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> cos, sin (B, T, hd) in fp32.
+
+    Computed per forward from the positions rather than kept in buffers: a buffer would be cast by
+    `model.to(torch.bfloat16)` (positions > 256 then collide in bf16), would be left on the meta device by
+    from_pretrained, and would have to be sized to a maximum length. Costs B*T*hd trig ops per forward.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hd), cos/sin (B, T, hd) fp32 -> x rotated, in x's dtype (rotation done in fp32).
+
+    Rotate-half (HF layout), not interleaved pairs (Meta's original): HF checkpoints permute q/k weights for
+    it, so loading them needs no permutation."""
+    xf = x.float()
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys/values of every layer for one batched generation, passed into forward (not module buffers:
+    FSDP2 and state_dict never see it). Storage is allocated on the first update with the incoming k/v's
+    dtype, device and batch size.
+
+    Usage: cache = KVCache(max_len); model(prompt, cache=cache); model(next_token, cache=cache); ...
+    `len` is the number of positions already stored; the model advances it after each forward.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.len = 0
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, G, T, hd) of the new positions -> all keys/values so far, (B, G, len + T, hd)."""
+        B, G, T, hd = k.shape
+        if self.len + T > self.max_len:
+            raise ValueError(f"KVCache overflow: {self.len} + {T} > max_len {self.max_len}")
+        if layer not in self.k:
+            self.k[layer] = k.new_zeros(B, G, self.max_len, hd)
+            self.v[layer] = v.new_zeros(B, G, self.max_len, hd)
+        end = self.len + T
+        self.k[layer][:, :, self.len : end] = k
+        self.v[layer][:, :, self.len : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx  # which slot of the KVCache is ours
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        """x (B, T, D); mask None (causal) or bool (B or 1, 1, T, S), True = may attend."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, G, S, hd)
+        # enable_gqa: query head h reads kv head h // (H // G), HF's repeat_kv grouping
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps),
+        ))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)  # HF initializer_range
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        head_fn: Callable[[torch.Tensor, torch.Tensor], object] | None = None,
+    ):
+        """tokens (B, T) long -> logits (B, T, V) in the parameters' dtype, or head_fn(h, lm_head.weight)
+        with h (B, T, D) the final-normed hidden states.
+
+        head_fn runs the output layer inside this forward, so under FSDP2 it sees the unsharded lm_head
+        weight (V, D) (outside forward that weight is a sharded DTensor); chunked losses use it to never
+        materialise (B, T, V) logits.
+
+        position_ids (B, T): default cache.len + arange(T). attn_mask: None, a key-padding mask (B, S) bool
+        (True = real token) over every key seen so far (cache + these T), or a ready bool mask
+        (B, 1, T, S). Without mask and cache, attention is plain causal (right-padded training batches).
+        With a cache, a causal mask aligned to the LAST key is built: SDPA's is_causal is aligned to the
+        first key when T != S, which would be wrong for decode steps.
+        """
+        B, T = tokens.shape
+        past = cache.len if cache is not None else 0
+        S = past + T
+        if position_ids is None:
+            position_ids = (past + torch.arange(T, device=tokens.device)).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+
+        mask = None
+        if attn_mask is not None and attn_mask.dim() == 4:
+            mask = attn_mask.bool()
+        elif attn_mask is not None or cache is not None:
+            q_pos = past + torch.arange(T, device=tokens.device)[:, None]  # (T, 1) absolute query positions
+            k_pos = torch.arange(S, device=tokens.device)[None, :]  # (1, S)
+            mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S) causal, bottom-right aligned
+            if attn_mask is not None:
+                if attn_mask.shape != (B, S):
+                    raise ValueError(f"attn_mask {tuple(attn_mask.shape)} != (B, S) = {(B, S)}")
+                # A padded query still attends to itself: some SDPA backends return NaN for a fully masked
+                # row (CPU returns 0), and NaN at pad keys would leak into real rows as 0 * NaN later.
+                mask = (mask & attn_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
+
+        x = self.model.embed_tokens(tokens)  # (B, T, D)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.len = S
+        h = self.model.norm(x)
+        if head_fn is not None:
+            return head_fn(h, self.lm_head.weight)
+        return self.lm_head(h)  # (B, T, V)
+
+    # ---- HF-format checkpoints ----
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
+        """path/config.json + path/model.safetensors (or model.safetensors.index.json and its shards)."""
+        with open(os.path.join(path, "config.json")) as f:
+            args = ModelArgs.from_hf_config(json.load(f))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        sd = {}
+        for name in files:
+            with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
+                for k in f.keys():
+                    if k.endswith("rotary_emb.inv_freq"):  # stored by old HF versions; recomputed here
+                        continue
+                    sd[k] = f.get_tensor(k).to(dtype)
+        if args.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)  # HF omits it; it is embed_tokens.weight
+        with torch.device("meta"):  # no wasted random init of a model about to be overwritten
+            model = cls(args)
+        expected = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}
+        missing, unexpected = expected - sd.keys(), sd.keys() - expected
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not match config.json: missing {sorted(missing)[:8]}, "
+                             f"unexpected {sorted(unexpected)[:8]}")
+        model.load_state_dict(sd, strict=False, assign=True)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+        return model
+
+    def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
+        """Write config.json + model.safetensors (or shards + index when larger than max_shard_size bytes).
+
+        Each file is written to a .tmp name and renamed into place, index/model file last, so a crash leaves
+        the previous checkpoint loadable. LoRA tensors are not part of the HF layout: the model must hold
+        merged LoRA (lora.merge_lora) or none. Call it on an unsharded model.
+        """
+        for name, m in self.named_modules():
+            if hasattr(m, "lora_A") and not getattr(m, "merged", False):
+                raise ValueError(f"{name} holds unmerged LoRA weights: lora.merge_lora(model) first, "
+                                 "or save the adapter with lora.save_adapter")
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if ".lora_" not in k}
+        if self.args.tie_word_embeddings:
+            sd.pop("lm_head.weight")  # shared with embed_tokens; safetensors refuses aliased tensors
+        os.makedirs(path, exist_ok=True)
+
+        shards, size = [{}], 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})  # HF needs "format"
+        dtype_name = str(next(iter(sd.values())).dtype).split(".")[-1]
+        config = {**self.args.to_hf_config(), "torch_dtype": dtype_name, "dtype": dtype_name}  # old, new HF key
+        _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2) + "\n")
+        index = os.path.join(path, "model.safetensors.index.json")
+        for name in names[1:] if len(names) > 1 else []:
+            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+        if len(names) == 1:
+            os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+            if os.path.exists(index):  # a previous sharded save would otherwise take precedence on load
+                os.remove(index)
+        else:
+            os.replace(os.path.join(path, names[0] + ".tmp"), os.path.join(path, names[0]))
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+            if os.path.exists(os.path.join(path, "model.safetensors")):
+                os.remove(os.path.join(path, "model.safetensors"))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# ---- generation ----
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,) long. Greedy = argmax (also when temperature == 0).
+
+    Top-p (nucleus): keep the smallest set of most likely tokens whose probability reaches top_p (the top
+    token always). Sampling happens on the generator's device, so a CPU generator gives the same draws
+    whatever device the model is on."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, idx = probs.sort(dim=-1, descending=True)
+        before = p_sorted.cumsum(-1) - p_sorted  # mass of strictly more likely tokens
+        p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
+    dev = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Batched sampling with a KV cache. prompts: B non-empty token lists of any lengths (left-padded here).
+    Returns B lists of new tokens, each cut before its first eos (eos not included), at most max_new_tokens.
+
+    Uses the model's current mode: call model.eval() first if LoRA dropout should be off.
+    Collective when torch.distributed is initialised: the "every row finished" test is all_reduced, so all
+    ranks run the same number of forwards (FSDP2 all-gathers in each one). Every rank must pass the same
+    max_new_tokens and at least one prompt. On an FSDP2 model the parameters stay unsharded for the whole
+    decode loop (one all-gather instead of one per token), then are resharded.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)  # key-padding mask
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid[i, L - len(p) : L] = True
+    # each row's positions count from its first real token, as if it were alone
+    position_ids = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    next_pos = position_ids[:, -1:] + 1  # (B, 1)
+
+    fsdp = _fsdp_modules(model)
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        cache = KVCache(L + max_new_tokens)
+        logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache)[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        for t in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_p, greedy, generator)
+            nxt = nxt.masked_fill(done, pad_id)
+            out.append(nxt)
+            done = done | (nxt == eos_id)
+            if t == max_new_tokens - 1 or _all_done(done):
+                break
+            valid[:, L + t] = True
+            logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=valid[:, : L + t + 1],
+                           cache=cache)[:, -1]
+    finally:
+        for m in fsdp:
+            m.reshard()
+            # back to fully_shard's defaults: blocks reshard after forward, the root does not (its
+            # parameters are needed again at once by the backward)
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+    if not out:
+        return [[] for _ in prompts]
+    new = torch.stack(out, dim=1).tolist()  # (B, steps)
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def _all_done(done: torch.Tensor) -> bool:
+    """True when every row on every rank has emitted eos (one host sync per decode step)."""
+    n_open = (~done).sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n_open)
+    return n_open.item() == 0
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
