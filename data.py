@@ -1,0 +1,425 @@
+"""Data for Proxy-KD: tokenizer, the teacher's JSONL, prompt template, batches, splits, and the demo world.
+
+The black-box teacher gives text only: each example is (prompt, teacher's response). Everything here is
+plain Python + sentencepiece + torch (collate only); nothing reads the network.
+
+Sequence layout (what the models see)
+    input_ids = [bos] + enc(format_prompt(system, prompt)) + enc(response) + [eos]
+    labels    = -100 on bos and every prompt token, the token itself on response tokens and eos.
+    Labels are aligned with input_ids, NOT shifted: the losses shift (logits[:, :-1] predict labels[:, 1:]).
+    Prompt and response are encoded separately, so the label mask is exactly the prompt (no merge of
+    a prompt piece with a response piece at the boundary).
+
+Truncation to max_len (counted in COUNTS and logged at 1, 2, 4, 8, ... truncations)
+    The prompt keeps its TAIL (the question and the "### Answer:" marker sit at the end), the response
+    its HEAD (a cut response has no eos: the teacher's reply did not end there). The response keeps
+    all its tokens if the prompt can be cut to make room, otherwise the prompt keeps at least
+    (max_len - 1) // 2 tokens and the response gets the rest. So every example keeps >= 1 response
+    token for max_len >= 2 and nothing is dropped here: empty responses are refused by read_jsonl.
+
+Splits and batches (stable across runs, Python hash seeds, numpy versions and world sizes: every shuffle
+is a sort by blake2b(key, index), never Python's hash() or a numpy stream)
+    split_indices(n, seed): D_w 10% / D_p 45% / D_s 45% (paper Section 3.3).
+    round_shards(D_p, k): round i of the alignment stage takes shard i.
+    rank_batches(...): global batch j = examples [j*G, (j+1)*G) of the epoch's shuffled order, G =
+    batch_size * world_size; rank r takes positions [r*B, (r+1)*B) of it. The order is padded by
+    wrapping to a multiple of G, so every rank has the same number of full batches (FSDP ranks stay in
+    lockstep) and up to G-1 examples are seen twice per epoch. The global batches depend on G, seed and
+    epoch only, not on how G is factored into ranks.
+
+Demo world (the embedded default for the CPU demo and the tests)
+    A black-box "teacher" that answers short word problems ("Mia has 7 apples. She finds 3 more. Then
+    she gives away 2. How many apples does Mia have now?") with a worked reply. It samples its phrasing
+    (start sentence, each step's sentence, the final-answer form) at random, so its token distribution
+    branches (the soft-label information a proxy can pass on), but its final number is always right
+    and checkable with extract_answer(reply) == reference_answer(prompt).
+"""
+
+import collections
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of positions without a loss (prompt, pad); proxykd.py uses the same value
+
+# How many examples encode_example saw / truncated in this process (reported by the log, read by callers).
+COUNTS: collections.Counter = collections.Counter()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """A sentencepiece `tokenizer.model` (Llama's, or the demo's from train_demo_tokenizer).
+
+    pad_id: the model's pad id when it defines one (the demo tokenizer does), else eos_id. Reusing eos as
+    pad is safe here: collate gives pad positions label -100 and right-padded batches put pads after
+    every real token, so a pad is never attended to by a real position nor scored.
+    """
+
+    def __init__(self, model_path: str):
+        self.path = str(model_path)
+        with open(self.path, "rb") as f:
+            blob = f.read()
+        self.fingerprint = hashlib.sha256(blob).hexdigest()
+        self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{self.path}: tokenizer defines no bos or eos token (bos {self.bos_id}, eos {self.eos_id})")
+        pad = self.sp.pad_id()
+        self.pad_id = pad if pad >= 0 else self.eos_id
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        """Control tokens (bos, eos, pad) decode to nothing."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def check_same_vocab(a: Tokenizer, b: Tokenizer) -> None:
+    """Raise ValueError unless a and b map ids to the same pieces (same size, pieces, scores, piece types,
+    bos/eos/pad): the student reads the proxy's top-k token ids, which only mean the same thing under one
+    vocabulary. Byte-identical files pass at once; files differing only in metadata pass too."""
+    if a.fingerprint == b.fingerprint:
+        return
+    what = f"tokenizers {a.path} and {b.path} differ"
+    if a.vocab_size != b.vocab_size:
+        raise ValueError(f"{what}: vocab sizes {a.vocab_size} vs {b.vocab_size}")
+    for name in ("bos_id", "eos_id", "pad_id"):
+        if getattr(a, name) != getattr(b, name):
+            raise ValueError(f"{what}: {name} {getattr(a, name)} vs {getattr(b, name)}")
+    for i in range(a.vocab_size):
+        pa = (a.sp.id_to_piece(i), a.sp.get_score(i), a.sp.is_control(i), a.sp.is_unknown(i), a.sp.is_byte(i))
+        pb = (b.sp.id_to_piece(i), b.sp.get_score(i), b.sp.is_control(i), b.sp.is_unknown(i), b.sp.is_byte(i))
+        if pa != pb:
+            raise ValueError(f"{what}: first difference at id {i}: {pa[0]!r} (score {pa[1]}) vs {pb[0]!r} (score {pb[1]})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher data: JSONL reader, template, encoding, collate
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str  # the teacher's reply
+    where: str  # "file:line", for error messages
+    system: str | None = None  # system prompt (OpenOrca's system_prompt); None or "" = no system line
+
+
+def read_jsonl(path: str, prompt_field: str = "prompt", response_field: str = "response", system_field: str | None = None,
+               stats: dict | None = None) -> list[Example]:
+    """One JSON object per line -> list[Example] in file order. OpenOrca: system_field="system_prompt",
+    prompt_field="question" (response_field stays "response").
+
+    Raises ValueError "file:line: what" on the first bad line: not UTF-8, invalid JSON, not an object,
+    a missing field, a non-string field (the system field may also be null), an empty (whitespace-only)
+    prompt or response; and "file: no examples" for a file without any. Nothing is dropped silently:
+    the only lines skipped are blank ones, counted in stats["blank"] (and logged). stats (optional, a
+    dict the caller owns) also gets "lines" and "examples".
+    """
+    examples, blank, n_lines = [], 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            n_lines = lineno
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 ({e})") from None
+            if not line.strip():
+                blank += 1
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            values = {}
+            for field in (prompt_field, response_field) + ((system_field,) if system_field else ()):
+                if field not in obj:
+                    raise ValueError(f"{where}: missing field {field!r} (fields present: {sorted(obj)})")
+                v = obj[field]
+                if not (isinstance(v, str) or (field == system_field and v is None)):
+                    raise ValueError(f"{where}: field {field!r} must be a string, got {type(v).__name__}")
+                values[field] = v
+            if not values[prompt_field].strip():
+                raise ValueError(f"{where}: empty prompt (field {prompt_field!r})")
+            if not values[response_field].strip():
+                raise ValueError(f"{where}: empty response (field {response_field!r})")
+            system = values.get(system_field) if system_field else None
+            examples.append(Example(values[prompt_field], values[response_field], where, system or None))
+    if not examples:
+        raise ValueError(f"{path}: no examples ({n_lines} lines, {blank} blank)")
+    if blank:
+        log.warning("%s: skipped %d blank line(s), read %d examples", path, blank, len(examples))
+    if stats is not None:
+        stats.update(lines=n_lines, blank=blank, examples=len(examples))
+    return examples
+
+
+def format_prompt(system: str | None, prompt: str) -> str:
+    """The plain-text template; the response follows it directly:
+
+        {system}\\n\\n          (only when system is non-empty)
+        ### Question:\\n{prompt}\\n\\n### Answer:\\n
+    """
+    head = f"{system}\n\n" if system else ""
+    return f"{head}### Question:\n{prompt}\n\n### Answer:\n"
+
+
+def encode_prompt(tok: Tokenizer, system: str | None, prompt: str) -> list[int]:
+    """[bos] + template tokens: the prefix to generate a reply from (same as encode_example's prompt part)."""
+    return tok.encode(format_prompt(system, prompt), bos=True)
+
+
+def encode_example(tok: Tokenizer, ex: Example, max_len: int, stats: dict | None = None) -> dict:
+    """Example -> dict(input_ids: list[int], labels: list[int]) of equal length <= max_len.
+
+    labels: -100 on bos and prompt positions, = input_ids on response tokens and the final eos; NOT
+    shifted. Truncation (see the module docstring): prompt keeps its tail, response its head, response
+    keeps >= 1 token. Truncations are counted in COUNTS["truncated"] (and stats, if given) and logged.
+    """
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 (bos + one response token), got {max_len}")
+    p = tok.encode(format_prompt(ex.system, ex.prompt))
+    r = tok.encode(ex.response, eos=True)
+    n = max_len - 1  # room after bos
+    truncated = len(p) + len(r) > n
+    if truncated:
+        keep_p = min(len(p), max(n - len(r), n // 2))
+        keep_r = n - keep_p
+        log_cut = (len(p), keep_p, len(r), keep_r)
+        p, r = p[len(p) - keep_p :], r[:keep_r]
+    COUNTS["examples"] += 1
+    if stats is not None:
+        stats["examples"] = stats.get("examples", 0) + 1
+    if truncated:
+        COUNTS["truncated"] += 1
+        if stats is not None:
+            stats["truncated"] = stats.get("truncated", 0) + 1
+        k = COUNTS["truncated"]
+        if k & (k - 1) == 0:  # log at 1, 2, 4, 8, ... so a large dataset gives a count, not a flood
+            log.warning("%d of %d examples so far truncated to max_len %d (latest %s: prompt %d -> %d, response %d -> %d tokens)",
+                        k, COUNTS["examples"], max_len, ex.where, *log_cut)
+    ids = [tok.bos_id] + p + r
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * (1 + len(p)) + r}
+
+
+def collate(batch: list[dict], pad_id: int) -> dict:
+    """Encoded examples -> dict(input_ids (B, T) long, labels (B, T) long), T = longest; right-padded with
+    pad_id in input_ids and -100 in labels."""
+    T = max(len(e["input_ids"]) for e in batch)
+    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    for b, e in enumerate(batch):
+        n = len(e["input_ids"])
+        assert len(e["labels"]) == n, "input_ids and labels must have equal length"
+        input_ids[b, :n] = torch.as_tensor(list(e["input_ids"]), dtype=torch.long)
+        labels[b, :n] = torch.as_tensor(list(e["labels"]), dtype=torch.long)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Splits and per-rank batches
+
+
+def _hash_order(indices, *key) -> list[int]:
+    """indices in a pseudo-random order fixed by key: sort by blake2b(key, i). Depends on the index values
+    only (not on their input order), and is the same under any Python/numpy version or hash seed."""
+    salt = ":".join(map(str, key)).encode()
+    return sorted((int(i) for i in indices), key=lambda i: (hashlib.blake2b(b"%s:%d" % (salt, i), digest_size=8).digest(), i))
+
+
+def split_indices(n: int, seed: int) -> dict:
+    """range(n) -> dict(warmup=D_w, proxy=D_p, student=D_s), sorted lists, disjoint and complete.
+    |D_w| = floor(n / 10), |D_p| = floor((n - |D_w|) / 2), |D_s| = the rest (10/45/45)."""
+    order = _hash_order(range(n), "split", seed)
+    n_w = n // 10
+    n_p = (n - n_w) // 2
+    return {"warmup": sorted(order[:n_w]), "proxy": sorted(order[n_w : n_w + n_p]), "student": sorted(order[n_w + n_p :])}
+
+
+def round_shards(indices: list[int], k: int) -> list[list[int]]:
+    """Cut indices into k interleaved shards (shard j = indices[j::k]; sizes differ by <= 1): round j of
+    the alignment stage trains on shard j. Interleaving keeps each shard spread over the file even when
+    indices are sorted and the file is ordered by source."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return [list(indices[j::k]) for j in range(k)]
+
+
+def rank_batches(indices: list[int], batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
+    """This rank's micro-batches (lists of example ids) for one epoch over indices.
+
+    The epoch's order is a hash shuffle fixed by (seed, epoch), padded by wrapping to a multiple of the
+    global batch G = batch_size * world_size. Global batch j = order[j*G:(j+1)*G]; rank r takes its
+    positions [r*batch_size, (r+1)*batch_size). Every rank gets ceil(len(indices) / G) full batches.
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad batch_size {batch_size} / rank {rank} / world_size {world_size}")
+    order = _hash_order(indices, "epoch", seed, epoch)
+    if not order:
+        return []
+    G = batch_size * world_size
+    n_batches = math.ceil(len(order) / G)
+    padded = [order[t % len(order)] for t in range(n_batches * G)]
+    return [padded[j * G + rank * batch_size : j * G + (rank + 1) * batch_size] for j in range(n_batches)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Demo world: a synthetic black-box teacher of short word problems
+
+_NAMES = {"Mia": "she", "Ava": "she", "Zoe": "she", "Eva": "she", "Leo": "he", "Tom": "he", "Max": "he", "Ben": "he"}
+_ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pens", "cards", "shells")
+# verb (3rd person) -> (gerund, sign)
+_VERBS = {"finds": ("finding", +1), "buys": ("buying", +1), "gets": ("getting", +1),
+          "loses": ("losing", -1), "gives away": ("giving away", -1), "sells": ("selling", -1)}
+_GAIN = [v for v, (_, s) in _VERBS.items() if s > 0]
+_LOSE = [v for v, (_, s) in _VERBS.items() if s < 0]
+
+_PROMPT_RE = re.compile(r"([A-Z][a-z]+) has (\d+) ([a-z]+)\. (.*) How many ([a-z]+) does ([A-Z][a-z]+) have\?")
+_STEP_RE = re.compile(r"(?:Then )?(?:[Ss]he|[Hh]e) (" + "|".join(_VERBS) + r") (\d+)(?: more)?\.")
+_ANSWER_RE = re.compile(r"(?:The answer is|Answer:|####|In the end, [A-Z][a-z]+ has) (-?\d+)")
+
+
+def make_demo_prompts(n: int, seed: int) -> list[str]:
+    """n word problems: a named person has 2..20 items, then 2-3 steps of gaining or losing 1..9 (never
+    below zero). Deterministic in (n, seed); answers stay <= 47, so numbers are 1-2 digit tokens."""
+    rng = np.random.default_rng([seed, 0xDE40])
+    names = list(_NAMES)
+    out = []
+    for _ in range(n):
+        name = names[rng.integers(len(names))]
+        pron, item = _NAMES[name], _ITEMS[rng.integers(len(_ITEMS))]
+        count = int(rng.integers(2, 21))
+        text = [f"{name} has {count} {item}."]
+        for s in range(int(rng.integers(2, 4))):
+            k = int(rng.integers(1, 10))
+            if count >= k and rng.random() < 0.5:
+                verb, more, count = _LOSE[rng.integers(len(_LOSE))], "", count - k
+            else:
+                verb, more, count = _GAIN[rng.integers(len(_GAIN))], " more", count + k
+            text.append(f"{pron.capitalize() if s == 0 else 'Then ' + pron} {verb} {k}{more}.")
+        text.append(f"How many {item} does {name} have?")
+        out.append(" ".join(text))
+    return out
+
+
+def _parse_prompt(prompt: str) -> tuple[str, str, int, list[tuple[str, int]]]:
+    """Demo prompt -> (name, items, start count, [(verb, k), ...]); ValueError if it is not one."""
+    m = _PROMPT_RE.fullmatch(prompt.strip())
+    if not m or m.group(1) != m.group(6) or m.group(3) != m.group(5) or m.group(1) not in _NAMES:
+        raise ValueError(f"not a demo prompt: {prompt!r}")
+    steps = list(_STEP_RE.finditer(m.group(4)))
+    if not steps or " ".join(s.group(0) for s in steps) != m.group(4):
+        raise ValueError(f"not a demo prompt (steps): {prompt!r}")
+    return m.group(1), m.group(3), int(m.group(2)), [(s.group(1), int(s.group(2))) for s in steps]
+
+
+def reference_answer(prompt: str) -> str:
+    """The true final count, computed from the demo prompt's text (not from any reply)."""
+    _, _, count, steps = _parse_prompt(prompt)
+    return str(count + sum(_VERBS[v][1] * k for v, k in steps))
+
+
+def demo_teacher(prompt: str, rng=None) -> str:
+    """The black-box teacher: a demo prompt -> a worked reply (text only).
+
+    rng: np.random.Generator, an int seed, or None (fresh entropy, as an API would answer). The phrasing
+    is sampled: 3 start sentences, 3 sentences per step (after the first, each optionally led by "Then"), 4 answer forms;
+    the arithmetic and the final number are always right.
+    """
+    rng = np.random.default_rng(rng)
+    name, item, count, steps = _parse_prompt(prompt)
+    pron = _NAMES[name]
+    P = pron.capitalize()
+    pick = lambda options: options[rng.integers(len(options))]
+    out = [pick([f"{name} starts with {count} {item}.", f"At first, {name} has {count} {item}.", f"{name} begins with {count}."])]
+    for s, (verb, k) in enumerate(steps):
+        gerund, sign = _VERBS[verb]
+        op, new = ("+", count + k) if sign > 0 else ("-", count - k)
+        more = " more" if sign > 0 else ""
+        sentence = pick([f"{P} {verb} {k}, so {pron} has {count} {op} {k} = {new}.",
+                         f"After {gerund} {k}{more}: {count} {op} {k} = {new}.",
+                         f"{count} {op} {k} = {new}, as {pron} {verb} {k}."])
+        if s > 0 and rng.random() < 0.5:
+            sentence = "Then " + sentence[0].lower() + sentence[1:] if sentence[0].isalpha() else "Then " + sentence
+        out.append(sentence)
+        count = new
+    out.append(pick([f"The answer is {count}.", f"Answer: {count}", f"#### {count}", f"In the end, {name} has {count}."]))
+    return " ".join(out)
+
+
+def extract_answer(text: str) -> str | None:
+    """The final number of a reply in any of the teacher's answer forms (the last one if several), as a
+    canonical integer string; None if the text has none."""
+    hits = _ANSWER_RE.findall(text)
+    return str(int(hits[-1])) if hits else None
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write to a temp file in the same folder, then os.replace: the file is whole or absent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_demo_jsonl(path: str, n: int, seed: int) -> str:
+    """n teacher examples {"prompt", "response"} (deterministic in (n, seed)) -> path, written atomically."""
+    rng = np.random.default_rng([seed, 0x7EAC])
+    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng)}) + "\n" for p in make_demo_prompts(n, seed)]
+    _atomic_write(path, "".join(lines).encode("utf-8"))
+    return path
+
+
+def train_demo_tokenizer(jsonl_paths: list[str], model_prefix: str, vocab_size: int = 320) -> str:
+    """Train a BPE sentencepiece tokenizer on the templated prompts and the responses of jsonl_paths (read
+    with the default fields) -> model_prefix + ".model" (written atomically).
+
+    Ids: unk 0, bos 1, eos 2, pad 3; "\\n" is a user-defined piece (the template needs it and the
+    identity normalizer keeps it); digits split; no byte fallback (it would cost 256 pieces: text with
+    characters unseen in training maps to unk). vocab_size is a soft cap (small corpora may give fewer
+    pieces). Deterministic: same inputs -> same file bytes (single thread, no input sampling, and no
+    file paths stored in the model).
+    """
+    sentences = []
+    for path in jsonl_paths:
+        for ex in read_jsonl(path):
+            sentences += [format_prompt(ex.system, ex.prompt), ex.response]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        split_digits=True, character_coverage=1.0, byte_fallback=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=["\n"],
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    path = model_prefix + ".model"
+    _atomic_write(path, buf.getvalue())
+    return path
