@@ -371,6 +371,20 @@ def demo_teacher(prompt: str, rng=None) -> str:
     return " ".join(out)
 
 
+def demo_base_reply(prompt: str) -> str:
+    """The demo's stand-in for pretraining text: the same problems worked in one fixed terse style unlike
+    the teacher's ("7 + 3 = 10. 10 - 2 = 8. Total: 8 apples."). Base models pretrained on it can do the
+    arithmetic but speak unlike the teacher (extract_answer finds no answer form in it), so what the
+    proxy and the student learn from the teacher's text is visible in the demo's metrics."""
+    _, item, count, steps = _parse_prompt(prompt)
+    out = []
+    for verb, k in steps:
+        new = count + _VERBS[verb][1] * k
+        out.append(f"{count} {'+' if _VERBS[verb][1] > 0 else '-'} {k} = {new}.")
+        count = new
+    return " ".join(out + [f"Total: {count} {item}."])
+
+
 def extract_answer(text: str) -> str | None:
     """The final number of a reply in any of the teacher's answer forms (the last one if several), as a
     canonical integer string; None if the text has none."""
@@ -378,14 +392,17 @@ def extract_answer(text: str) -> str | None:
     return str(int(hits[-1])) if hits else None
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write to a temp file in the same folder, then os.replace: the file is whole or absent."""
+def atomic_write(path: str, content: bytes | str) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace: the file is whole or absent, even
+    after a crash (the training scripts' checkpoint pointers and cache markers rely on it)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -396,7 +413,7 @@ def write_demo_jsonl(path: str, n: int, seed: int) -> str:
     """n teacher examples {"prompt", "response"} (deterministic in (n, seed)) -> path, written atomically."""
     rng = np.random.default_rng([seed, 0x7EAC])
     lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng)}) + "\n" for p in make_demo_prompts(n, seed)]
-    _atomic_write(path, "".join(lines).encode("utf-8"))
+    atomic_write(path, "".join(lines).encode("utf-8"))
     return path
 
 
@@ -421,5 +438,5 @@ def train_demo_tokenizer(jsonl_paths: list[str], model_prefix: str, vocab_size: 
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=["\n"],
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     path = model_prefix + ".model"
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
     return path

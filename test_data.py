@@ -250,6 +250,30 @@ def test_teacher_always_right_and_arithmetic_checks():
         assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]], "each step starts from the last"
 
 
+def test_base_reply_right_but_not_in_teacher_form():
+    """The demo bases' pretraining style: the same chain of equations as the teacher, ending in the true
+    answer, in a form extract_answer (the teacher's answer forms) does not accept."""
+    for p in data.make_demo_prompts(200, seed=13):
+        reply = data.demo_base_reply(p)
+        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
+        assert len(eqs) == len(re.findall(r"\d+", p)) - 1
+        for a, op, b, c in eqs:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert eqs[-1][3] == str(brute_force_answer(p)) == re.search(r"Total: (\d+)", reply).group(1)
+        assert data.extract_answer(reply) is None
+
+
+def test_atomic_write_whole_or_absent(tmp_path, monkeypatch):
+    path = str(tmp_path / "f.txt")
+    data.atomic_write(path, "old")
+    def boom(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(data.os, "replace", boom)
+    with pytest.raises(OSError):
+        data.atomic_write(path, "new")
+    assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]  # no temp file left behind
+
+
 def test_teacher_phrasing_branches():
     prompt = data.make_demo_prompts(1, seed=5)[0]
     replies = [data.demo_teacher(prompt, np.random.default_rng(s)) for s in range(60)]
