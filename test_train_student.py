@@ -1,0 +1,351 @@
+"""train_student.py end to end on CPU: real torchrun launches (gloo, FSDP2) of tiny random Llamas on the
+embedded demo data. A random "proxy" is enough for the mechanics (cache, weights, losses, resume). Each
+run is a subprocess with a timeout, so a rank that hangs fails the test instead of blocking the suite;
+the runs are module-scoped fixtures shared by the tests that inspect them.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import data
+import proxykd as pk
+import train_student as ts
+from model import Llama, ModelArgs
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 180  # seconds per launch; a normal one takes a few
+N_EXAMPLES, SEED, K, MAX_LEN = 60, 0, 10, 200
+
+
+def launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """train_student.py under torchrun with `nproc` ranks, or as a plain process when nproc == 0."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, "train_student.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    return p
+
+
+def metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def steps_of(out: str) -> list[dict]:
+    return [r for r in metrics(out) if "loss" in r]
+
+
+def adapter(out: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+def open_cache(cache_dir: str) -> ts.ProxyCache:
+    with open(os.path.join(cache_dir, "meta.json")) as f:
+        return ts.ProxyCache(cache_dir, json.load(f))
+
+
+def save_model(path: str, vocab: int, seed: int, tok_path: str | None = None) -> str:
+    torch.manual_seed(seed)
+    Llama(dataclasses.replace(ModelArgs.from_name("tiny"), vocab_size=vocab)).save_pretrained(path)
+    if tok_path:
+        shutil.copyfile(tok_path, os.path.join(path, "tokenizer.model"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Demo teacher data (60 examples: D_s = 27), a held-out file, a tiny sentencepiece tokenizer, a tiny
+    random student and two tiny random proxies (A, B: different weights) in HF format (fp32)."""
+    d = tmp_path_factory.mktemp("world")
+    train, held_out = str(d / "teacher.jsonl"), str(d / "heldout.jsonl")
+    data.write_demo_jsonl(train, N_EXAMPLES, seed=0)
+    data.write_demo_jsonl(held_out, 8, seed=1)
+    tok_path = data.train_demo_tokenizer([train], str(d / "tok"), 96)
+    tok = data.Tokenizer(tok_path)
+    student = save_model(str(d / "student"), tok.vocab_size, 0)
+    proxy_a = save_model(str(d / "proxy_a"), tok.vocab_size, 1, tok_path)
+    proxy_b = save_model(str(d / "proxy_b"), tok.vocab_size, 2, tok_path)
+    # 2 ranks x 2 examples -> 7 steps; caching: 14 + 13 examples per rank in batches of 3, a part every 2
+    # batches -> 3 parts per rank; the proxy runs in fp32 so the cache can be checked tightly
+    common = ["--base", student, "--tokenizer", tok_path, "--data", train, "--max_len", str(MAX_LEN),
+              "--lr", "1e-3", "--batch_size", "2", "--split_seed", str(SEED), "--seed", str(SEED), "--topk", str(K),
+              "--proxy_dtype", "float32", "--cache_batch_size", "3", "--cache_flush_every", "2"]
+    d_s = data.split_indices(N_EXAMPLES, SEED)["student"]
+    return dict(dir=d, student=student, proxy_a=proxy_a, proxy_b=proxy_b, tok=tok, tok_path=tok_path, data=train,
+                held_out=held_out, common=common, d_s=d_s, steps=math.ceil(len(d_s) / 4))
+
+
+@pytest.fixture(scope="module")
+def run_kd(world):
+    """Full Proxy-KD: cache with proxy A, then the weighted-KL student (alpha 100, bf16 base)."""
+    out = str(world["dir"] / "kd")
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, "--eval_data", world["held_out"], "--eval_batch_size", "4"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_sft(world):
+    """Black-box KD: --alpha 0 and no proxy at all."""
+    out = str(world["dir"] / "sft")
+    ok(launch(world["common"] + ["--alpha", "0", "--out", out]))
+    return out
+
+
+def fresh_proxy_rows(proxy: Llama, enc: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Brute force, one example, full logits: -> (log pi_p over V at each response position (n, V) fp64,
+    the teacher's tokens there (n,), log pi_p(y|x))."""
+    ids = torch.tensor([enc["input_ids"]])
+    labels = torch.tensor(enc["labels"])
+    with torch.no_grad():
+        logp = proxy(ids)[0, :-1].double().log_softmax(-1)
+    pos = labels[1:] != -100
+    y = labels[1:][pos]
+    lp = logp[pos]
+    return lp, y, lp.gather(-1, y[:, None]).sum().item()
+
+
+def assert_rows_are_proxy_topk(world: dict, cache: ts.ProxyCache, ids: list[int]) -> None:
+    """Each cached row holds proxy A's k most likely tokens with their full-vocabulary log-probs (within
+    fp16 rounding), in descending order. Tie-robust: the fresh log-probs of the cached ids, in cache
+    order, are the sorted top-k values."""
+    proxy = Llama.from_pretrained(world["proxy_a"], dtype=torch.float32)
+    examples = data.read_jsonl(world["data"])
+    for i in ids:
+        lp, y, seq = fresh_proxy_rows(proxy, data.encode_example(world["tok"], examples[i], MAX_LEN))
+        (c_ids, c_lps), = cache.rows([i])
+        assert c_ids.dtype == torch.int32 and c_lps.dtype == torch.float16
+        assert c_ids.shape == (y.shape[0], K), i
+        ref_vals = lp.topk(K, dim=-1).values
+        torch.testing.assert_close(lp.gather(-1, c_ids.long()), ref_vals, rtol=0, atol=1e-5)
+        torch.testing.assert_close(c_lps.double(), ref_vals, rtol=1e-3, atol=2e-3)
+        assert cache.seq[i] == pytest.approx(seq, rel=1e-5, abs=1e-4), i
+        assert cache.n_tokens([i]).item() == y.shape[0]
+
+
+# --------------------------------------------------------------------------- phase 1: the proxy cache
+
+
+def test_cache_equals_fresh_proxy_forward(world, run_kd):
+    cache_dir = os.path.join(run_kd, "cache")
+    cache = open_cache(cache_dir)
+    assert set(cache.where) == set(world["d_s"])  # every example of D_s once, nothing else
+    assert len(os.listdir(cache_dir)) == 2 + 6  # meta.json, COMPLETE, 2 ranks x 3 parts
+    assert_rows_are_proxy_topk(world, cache, world["d_s"])
+    # 10 int32 ids + 10 fp16 log-probs = 60 bytes per token, plus per-example and header overhead
+    stats = next(r for r in metrics(run_kd) if r.get("phase") == "cache_ready")
+    assert stats["tokens"] == sum(cache.n_tokens(world["d_s"]).tolist())
+    assert 60 <= stats["bytes_per_token"] < 60 * 1.5
+
+
+def test_stale_cache_is_refused(world, run_kd):
+    """Another proxy and a changed data file: the complete cache of run_kd is refused, naming both
+    differences and how to rebuild, and left untouched."""
+    changed = str(world["dir"] / "teacher_changed.jsonl")
+    shutil.copyfile(world["data"], changed)
+    with open(world["data"]) as f:
+        first = f.readline()
+    with open(changed, "a") as f:
+        f.write(first)
+    cache_dir = os.path.join(run_kd, "cache")
+    before = sorted(os.listdir(cache_dir))
+    args = world["common"] + ["--data", changed, "--proxy", world["proxy_b"], "--cache_dir", cache_dir,
+                              "--out", str(world["dir"] / "stale")]
+    p = launch(args, nproc=0)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "--rebuild_cache" in p.stderr
+    # exactly the real differences are named: the data (and so the size of D_s) and the proxy
+    listed = {line.split(":")[0].strip() for line in p.stderr.splitlines() if ": cache has " in line}
+    assert listed == {"data_sha256", "n_student_examples", "proxy_sha256"}
+    assert sorted(os.listdir(cache_dir)) == before
+
+
+def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
+    """A cache without COMPLETE (one part lost, a crashed write left a temp file) is refused by the
+    reader; a rerun (1 process: the world size may change) keeps the whole parts byte for byte and
+    recomputes only the missing examples."""
+    partial = str(world["dir"] / "partial_cache")
+    shutil.copytree(os.path.join(run_kd, "cache"), partial)
+    os.remove(os.path.join(partial, "COMPLETE"))
+    parts = ts._part_files(partial)
+    lost = parts[1]
+    with safe_open(lost, framework="pt") as f:
+        lost_ids = f.get_tensor("example_ids").tolist()
+    os.remove(lost)
+    crashed = os.path.join(partial, ".tmp-000000000-1.tmp")
+    with open(crashed, "wb") as f:
+        f.write(b"half a part")
+    with pytest.raises(ts.CacheError, match="incomplete"):
+        open_cache(partial)
+    kept = {p: os.stat(p).st_mtime_ns for p in parts if p != lost}
+
+    out = str(world["dir"] / "cache_only")
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", partial, "--out", out, "--cache_only"], nproc=0))
+    assert {p: os.stat(p).st_mtime_ns for p in kept} == kept
+    assert not os.path.exists(crashed)
+    cache = open_cache(partial)
+    assert set(cache.where) == set(world["d_s"])
+    assert next(r for r in metrics(out) if r.get("phase") == "cache")["examples"] == len(lost_ids)
+    assert_rows_are_proxy_topk(world, cache, lost_ids)
+
+
+def test_weights_standardise_over_all_of_d_s(world, run_kd):
+    """Eq. 9 from two ranks' disjoint slices (all_reduced moments) equals the brute-force moments over
+    the whole of D_s; the weights then average about 0.5 (exactly 0.5 for symmetric scores)."""
+    cache = open_cache(os.path.join(run_kd, "cache"))
+    s = torch.tensor([cache.seq[i] for i in world["d_s"]], dtype=torch.float64)
+    mu, gamma = s.mean(), s.std(unbiased=False)
+    w = torch.sigmoid((s - mu) / gamma)
+    rec = next(r for r in metrics(run_kd) if r.get("phase") == "weights")
+    assert rec["mu"] == pytest.approx(mu.item(), rel=1e-9)
+    assert rec["gamma"] == pytest.approx(gamma.item(), rel=1e-9)
+    assert rec["w_mean"] == pytest.approx(w.mean().item(), rel=1e-6)
+    assert 0.4 < rec["w_mean"] < 0.6 and rec["w_min"] < 0.5 < rec["w_max"]
+
+
+# --------------------------------------------------------------------------- phase 2: the student
+
+
+def test_student_trains_only_lora(world, run_kd):
+    """The run logs every step with a positive KL term and held-out evals before and after; the adapter
+    moved, and the merged student is exactly base + (alpha / r) B A: base weights never changed."""
+    recs, steps = metrics(run_kd), steps_of(run_kd)
+    assert [r["step"] for r in steps] == list(range(1, world["steps"] + 1))
+    assert all(math.isfinite(r["loss"]) and r["wkl"] > 0 for r in steps)
+    assert all(r["loss"] == pytest.approx(r["nll"] + 100 * r["wkl"], rel=1e-5) for r in steps)
+    evals = [r for r in recs if "eval_top1_agreement" in r]
+    assert [r["stage"] for r in evals] == ["init", "final"] and all(0 <= r["eval_top1_agreement"] <= 1 for r in evals)
+    assert os.path.exists(os.path.join(run_kd, "final", "tokenizer.model"))
+
+    final = adapter(run_kd)
+    a_keys = sorted(k for k in final if "lora_A" in k)
+    assert a_keys and len(final) == 2 * len(a_keys)
+    assert all(final[k.replace("lora_A", "lora_B")].abs().max() > 0 for k in a_keys)
+    base = Llama.from_pretrained(world["student"], dtype=torch.float32).state_dict()
+    merged = Llama.from_pretrained(os.path.join(run_kd, "final"), dtype=torch.float32).state_dict()
+    assert base.keys() == merged.keys()
+    lora_of = {k.split("base_model.model.", 1)[1].replace(".lora_A.weight", ".weight"): k for k in a_keys}
+    assert len(lora_of) == 7 * 2  # every linear of both blocks
+    for name, w in base.items():
+        if name in lora_of:
+            ka = lora_of[name]
+            delta = (16.0 / 8) * final[ka.replace("lora_A", "lora_B")] @ final[ka]
+            torch.testing.assert_close(merged[name], w + delta, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(merged[name], w), name
+
+
+def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
+    """Step 1 runs at the initial student (LoRA B = 0: the bf16 base). Its logged loss / nll / wkl equal
+    Eq. 11 computed here from full fp32 logits over BOTH ranks' micro-batches, divided by their total
+    token count, with the cache's rows and Eq. 9 weights looked up by example id: the cross-rank
+    normalisation, the cache-to-position alignment and the weight lookup of the real 2-rank run."""
+    cache = open_cache(os.path.join(run_kd, "cache"))
+    s = torch.tensor([cache.seq[i] for i in world["d_s"]], dtype=torch.float64)
+    w_of = dict(zip(world["d_s"], torch.sigmoid((s - s.mean()) / s.std(unbiased=False)).tolist()))
+    cfg = ts.Config(batch_size=2, grad_accum=1, seed=SEED)
+    micro = [m for r in range(2) for m in ts.plan_steps(world["d_s"], cfg, r, 2, range(1))[0]]
+    examples = data.read_jsonl(world["data"])
+    tok = world["tok"]
+    batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id) for m in micro]
+    n_total = sum(pk.num_response_tokens(b["labels"]) for b in batches)
+    model = Llama.from_pretrained(world["student"], dtype=torch.bfloat16)
+    loss = nll = wkl = 0.0
+    with torch.no_grad():
+        for m, b in zip(micro, batches):
+            h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
+            logits = h.float() @ w.float().T  # (B, T, V) fp32, as the chunked loss computes it
+            top_ids, top_lps = pk.pad_topk(cache.rows(m), b["labels"])
+            out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
+            loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
+    first = steps_of(run_kd)[0]
+    assert first["loss"] == pytest.approx(loss, rel=1e-5)
+    assert first["nll"] == pytest.approx(nll, rel=1e-5)
+    assert first["wkl"] == pytest.approx(wkl, rel=1e-4)
+
+
+def test_resume_matches_uninterrupted(world, run_kd):
+    """Stop after 4 of 7 steps, resume: the same per-step losses and the same adapter, bitwise. Reuses
+    run_kd's complete cache (no proxy forward in either launch)."""
+    out = str(world["dir"] / "resumed")
+    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"), "--out", out]
+    ok(launch(args + ["--stop_after_steps", "4"]))
+    assert max(r["step"] for r in steps_of(out)) == 4
+    ok(launch(args + ["--resume"]))
+    assert not any(r.get("phase") == "cache" for r in metrics(out))
+    ref, res = steps_of(run_kd), steps_of(out)
+    assert [r["step"] for r in res] == [r["step"] for r in ref]
+    for a, b in zip(ref, res):
+        assert (a["loss"], a["nll"], a["wkl"]) == (b["loss"], b["nll"], b["wkl"]), a["step"]
+    a, b = adapter(run_kd), adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_alpha0_is_plain_sft_whatever_the_proxy(world, run_kd, run_sft):
+    """--alpha 0 is black-box KD: with proxy B given it trains bitwise the same student as with no proxy
+    at all, builds no cache, and logs loss == nll; with alpha 100 (run_kd) the student differs."""
+    out = str(world["dir"] / "sft_b")
+    cache_dir = str(world["dir"] / "never")
+    ok(launch(world["common"] + ["--alpha", "0", "--proxy", world["proxy_b"], "--cache_dir", cache_dir, "--out", out]))
+    assert not os.path.exists(cache_dir)
+    a, b = adapter(run_sft), adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r["wkl"] == 0 and r["loss"] == r["nll"] for r in steps_of(run_sft))
+    kd = adapter(run_kd)
+    assert any(not torch.equal(a[k], kd[k]) for k in a)
+
+
+def test_student_step_gradient_is_one_big_batch(world, run_kd):
+    """student_step over uneven micro-batches (3 + 2 examples) with cache rows and weights gives the
+    gradient of ONE batch's Eq. 11 loss computed from full logits: (sum NLL + alpha sum_i w_i KL_i) / N.
+    SGD with lr 1 makes the update equal to minus the gradient. One rank (a HashStore group)."""
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cache = open_cache(os.path.join(run_kd, "cache"))
+        tok, ids = world["tok"], world["d_s"][:5]
+        examples = data.read_jsonl(world["data"])
+        encoded = {i: data.encode_example(tok, examples[i], MAX_LEN) for i in ids}
+        weights = {i: 0.1 + 0.2 * j for j, i in enumerate(ids)}
+        cfg = ts.Config(alpha=100.0, chunk_size=7)
+
+        torch.manual_seed(0)
+        model = ts.load_lora_model(world["student"], 4, 8.0, 0.0, "cpu", torch.float32)
+        for n, p in model.named_parameters():
+            if p.requires_grad:  # random B too, so every LoRA tensor gets a gradient
+                torch.nn.init.normal_(p, std=0.1)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        start = {n: p.detach().clone() for n, p in params.items()}
+
+        # brute force: one batch, full logits, the non-chunked losses
+        batch = data.collate([encoded[i] for i in ids], tok.pad_id)
+        top_ids, top_lps = pk.pad_topk(cache.rows(ids), batch["labels"])
+        w = torch.tensor([weights[i] for i in ids])
+        ref = pk.student_loss(model(batch["input_ids"]), batch["labels"], top_ids, top_lps, w, 100.0)
+        grads = torch.autograd.grad(ref.loss, list(params.values()))
+
+        opt = torch.optim.SGD(list(params.values()), lr=1.0)
+        micro = [ts.make_batch(m, encoded, tok.pad_id, "cpu") | {"ids": m} for m in (ids[:3], ids[3:])]
+        sums = ts.student_step(model, opt, micro, cache, weights, 1, cfg, "cpu")
+        for (n, p), g in zip(params.items(), grads):
+            torch.testing.assert_close(start[n] - p.detach(), g, rtol=1e-4, atol=1e-6)
+        assert sums[0].item() == pytest.approx(ref.loss.item(), rel=1e-5)
+        assert sums[2].item() == pytest.approx(ref.wkl.item(), rel=1e-5)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
