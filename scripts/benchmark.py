@@ -1,0 +1,244 @@
+"""Speed and memory of Proxy-KD's hot loops on the machine at hand (a benchmark, not a test).
+
+    python scripts/benchmark.py                   # tiny + mid configs; CPU here, CUDA when present
+    python scripts/benchmark.py --configs tiny    # quick look
+
+Every number comes from the training scripts' own functions on a one-rank FSDP2 model (frozen base +
+fp32 LoRA r 8 on every linear), random weights and tokens:
+  proxy step    train_proxy.train_step in stage 2: one forward / backward over [y; y_hat] (2B sequences)
+                for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
+  student step  train_student.student_step: Eq. 11 = NLL + alpha * w * KL against a top-10 cache
+                (random, in memory), chunked over the vocabulary. tokens/s counts B*T.
+  decode        model.generate: batched KV-cache sampling of B prompts (the round pre-pass), new tokens/s.
+  cache         train_student.build_cache writing real part files: bytes per cached response token.
+Peak memory: on CUDA torch.cuda.max_memory_allocated per phase; on CPU the process's peak resident set
+(VmHWM, reset before each phase through /proc/self/clear_refs), which includes Python and torch itself.
+MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). Training FLOPs per token = 4 * N (forward 2N
+plus the input-gradient half of the backward; the frozen base needs no weight gradients) + 12 * L * T * d
+(attention scores and values, forward + backward, without the causal discount); decode 2 * N.
+Writes a markdown table to stdout and --out (JSON with the same numbers next to it).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import lora  # noqa: E402
+import train_proxy as tp  # noqa: E402
+import train_student as ts  # noqa: E402
+from model import Llama, ModelArgs, generate  # noqa: E402
+
+CONFIGS = {
+    # the demo's proxy shape (scripts/demo.py)
+    "tiny": dict(args=dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=320, max_seq_len=1024),
+                 cpu=dict(B=16, T=128, prompt=32, new=64), cuda=dict(B=64, T=128, prompt=32, new=64)),
+    # ~155M parameters, a Llama-2 vocabulary and GQA: big enough that matmuls dominate
+    "mid": dict(args=dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000,
+                          max_seq_len=1024),
+                cpu=dict(B=2, T=512, prompt=128, new=32), cuda=dict(B=8, T=1024, prompt=256, new=128)),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="tiny,mid")
+    p.add_argument("--dtypes", default="", help="base dtypes (default: bfloat16 on CUDA, float32,bfloat16 on CPU)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up step)")
+    p.add_argument("--peak_tflops", type=float, default=0.0,
+                   help="accelerator peak for MFU (default: 989 for H100/H200, 312 for A100 bf16 dense)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
+    return p.parse_args(argv)
+
+
+class Peak:
+    """Peak memory of one phase (see the module docstring)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+
+    def gib(self) -> float | None:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**30
+        try:
+            with open("/proc/self/status") as f:
+                kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            return kb / 2**20
+        except (OSError, StopIteration):
+            return None
+
+
+def timed(fn, steps: int, device) -> float:
+    """Seconds per call of fn, after one untimed warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def lora_model(args: ModelArgs, dtype, device):
+    torch.manual_seed(0)
+    model = Llama(args).to(dtype)
+    lora.apply_lora(model, r=8, alpha=16)
+    model.lora_config = dict(r=8, alpha=16, dropout=0.0, base="benchmark")
+    model = tp.shard_model(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    return model, opt
+
+
+def batch(B: int, T: int, prompt: int, vocab: int, device) -> dict:
+    ids = torch.randint(4, vocab, (B, T), device=device)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "labels": labels, "n": B, "n_fwd": float(B * T)}
+
+
+class RandomCache:
+    """train_student's ProxyCache interface over random top-10 rows, in memory."""
+
+    def __init__(self, n_tokens: int, vocab: int, k: int = 10):
+        self.ids = torch.randint(0, vocab, (n_tokens, k), dtype=torch.int32)
+        self.lps = torch.log_softmax(torch.randn(n_tokens, k + 1), -1)[:, :k].half()
+
+    def rows(self, ids):
+        return [(self.ids, self.lps) for _ in ids]
+
+
+def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
+    spec = CONFIGS[name]
+    args = ModelArgs(**spec["args"])
+    s = spec["cuda" if device.type == "cuda" else "cpu"]
+    B, T, P = s["B"], s["T"], s["prompt"]
+    peak = Peak(device)
+    model, opt = lora_model(args, dtype, device)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    row = dict(config=name, dtype=str(dtype).replace("torch.", ""), params_M=n_params / 1e6, B=B, T=T)
+
+    # proxy step: [y; y_hat] stacked, reference log-probs as from a round pre-pass
+    cfg = tp.Config(beta=0.1)
+    pb = batch(2 * B, T, P, args.vocab_size, device) | {"n": B}
+    pb["ref_chosen"] = torch.zeros(B, device=device)
+    pb["ref_rejected"] = torch.zeros(B, device=device)
+    peak.reset()
+    dt = timed(lambda: tp.train_step(model, opt, [pb], 1, cfg, device), a.steps, device)
+    row.update(proxy_tok_s=2 * B * T / dt, proxy_peak_gib=peak.gib())
+    train_flops = 4 * n_params + 12 * args.n_layers * T * args.dim
+    row["proxy_mfu"] = train_flops * 2 * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+
+    # student step: Eq. 11 against a random top-10 cache, per-sample weights
+    scfg = ts.Config(alpha=100.0)
+    sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
+    cache = RandomCache(T - P, args.vocab_size)  # response positions: labels[:, P:]
+    weights = {i: 0.5 for i in range(B)}
+    peak.reset()
+    dt = timed(lambda: ts.student_step(model, opt, [sb], cache, weights, 1, scfg, device), a.steps, device)
+    row.update(student_tok_s=B * T / dt, student_peak_gib=peak.gib())
+    row["student_mfu"] = train_flops * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+
+    # decode: B prompts of P tokens, s["new"] sampled tokens each (eos never sampled: id -1)
+    prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
+    gen = torch.Generator().manual_seed(0)
+    model.eval()
+    peak.reset()
+    dt = timed(lambda: generate(model, prompts, s["new"], eos_id=-1, pad_id=0, generator=gen), max(1, a.steps - 1), device)
+    model.train()
+    row.update(decode_tok_s=B * s["new"] / dt, decode_peak_gib=peak.gib())
+    row["decode_mfu"] = 2 * n_params * B * s["new"] / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+
+    # cache: real part files from build_cache (top-10 ids int32 + fp16 log-probs, per response token)
+    with tempfile.TemporaryDirectory() as d:
+        ccfg = ts.Config(cache_dir=d, topk=10, cache_batch_size=B, cache_flush_every=1000)
+        encoded = {i: {"input_ids": r[: T - (i % 4) * 8], "labels": [-100] * P + r[P : T - (i % 4) * 8]}
+                   for i, r in enumerate(torch.randint(4, args.vocab_size, (4 * B, T)).tolist())}
+        model.eval()
+        n_tok = ts.build_cache(ccfg, model, encoded, list(encoded), "benchmark", 0, 0, 1, device)
+        model.train()
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+        row["cache_bytes_per_token"] = size / n_tok
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name()} (1 GPU), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+
+
+def table(rows: list[dict], header: str) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = [header, "",
+             "| config | params | base dtype | B x T | proxy NLL+DPO tok/s | peak GiB | student NLL+KL tok/s | peak GiB "
+             "| decode tok/s | peak GiB | cache bytes/token | MFU proxy / student / decode |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        mfu = "-" if r["proxy_mfu"] is None else f"{r['proxy_mfu']:.1%} / {r['student_mfu']:.1%} / {r['decode_mfu']:.1%}"
+        lines.append(f"| {r['config']} | {r['params_M']:.1f}M | {r['dtype']} | {r['B']} x {r['T']} | "
+                     f"{f(r['proxy_tok_s'], ',.0f')} | {f(r['proxy_peak_gib'], '.2f')} | {f(r['student_tok_s'], ',.0f')} | "
+                     f"{f(r['student_peak_gib'], '.2f')} | {f(r['decode_tok_s'], ',.0f')} | {f(r['decode_peak_gib'], '.2f')} | "
+                     f"{r['cache_bytes_per_token']:.1f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    _, _, device = tp.init_distributed()
+    if device.type == "cuda" and not a.peak_tflops:
+        gpu = torch.cuda.get_device_name()
+        a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
+    dtypes = a.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
+    rows = []
+    for name in a.configs.split(","):
+        for dt in dtypes.split(","):
+            print(f"{name} {dt} ...", file=sys.stderr, flush=True)
+            rows.append(bench_config(name, getattr(torch, dt), device, a))
+    header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; one rank, LoRA r 8 on a frozen base, "
+              f"{a.steps} timed steps")
+    md = table(rows, header)
+    print(md)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write(md + "\n")
+    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
+        json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
+    tp.finish(0)
+
+
+if __name__ == "__main__":
+    main()
