@@ -399,7 +399,7 @@ def test_student_loss_matches_definition():
 @pytest.mark.parametrize("chunked", [False, True])
 def test_masked_positions_contribute_nothing(chunked):
     g, labels, hidden, W, ids, lps, weights = _student_setup(12)
-    B, T, V = labels.shape[0], labels.shape[1], W.shape[0]
+    B, V = labels.shape[0], W.shape[0]
     keep = torch.cat([pk.response_mask(labels), torch.zeros(B, 1, dtype=torch.bool)], 1)  # (B, T)
 
     def run(h, ids_, lps_):

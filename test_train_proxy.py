@@ -23,10 +23,11 @@ TIMEOUT = 180  # seconds per launch; a normal one takes a few
 MAX_LEN = 128
 
 
-def launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """train_proxy.py under torchrun with `nproc` ranks, or as a plain process when nproc == 0."""
+def launch(args: list[str], nproc: int = 2, script: str = "train_proxy.py") -> subprocess.CompletedProcess:
+    """`script` under torchrun with `nproc` ranks, or as a plain process when nproc == 0 (test_train_student.py
+    uses it too)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, "train_proxy.py"), *args]
+    cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,34 +19,16 @@ from safetensors.torch import load_file
 
 import data
 import proxykd as pk
+import test_train_proxy
 import train_student as ts
 from model import Llama, ModelArgs
+from test_train_proxy import metrics, ok, steps_of
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-TIMEOUT = 180  # seconds per launch; a normal one takes a few
 N_EXAMPLES, SEED, K, MAX_LEN = 60, 0, 10, 200
 
 
 def launch(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """train_student.py under torchrun with `nproc` ranks, or as a plain process when nproc == 0."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, "train_student.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
-    return p
-
-
-def metrics(out: str) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def steps_of(out: str) -> list[dict]:
-    return [r for r in metrics(out) if "loss" in r]
+    return test_train_proxy.launch(args, nproc, script="train_student.py")
 
 
 def adapter(out: str) -> dict[str, torch.Tensor]:

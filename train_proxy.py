@@ -78,6 +78,7 @@ Outputs in --out
     warmup/         adapter/ and final/ of the warmed-up, unaligned proxy (the "-align" ablation).
 """
 
+import argparse
 import dataclasses
 import datetime
 import itertools
@@ -459,15 +460,20 @@ class Config:
     stop_after_steps: int = 0  # testing/debugging: checkpoint and exit after this many optimizer steps (0 = off)
 
 
-def parse_args(argv=None) -> Config:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
+def flags_parser(config_cls, doc: str) -> argparse.ArgumentParser:
+    """One --flag per field of a flat hyperparameter dataclass, defaults from the dataclass (bool fields
+    are store_true switches). Shared by both train scripts."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    for f in dataclasses.fields(config_cls):
         if f.type is bool or f.type == "bool":
             p.add_argument(f"--{f.name}", action="store_true")
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    return p
+
+
+def parse_args(argv=None) -> Config:
+    p = flags_parser(Config, __doc__)
     cfg = Config(**vars(p.parse_args(argv)))
     if not (cfg.base and cfg.tokenizer and cfg.data):
         p.error("--base, --tokenizer and --data are required")

@@ -99,6 +99,7 @@ from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, me
     eval_batches,
     evaluate,
     finish,
+    flags_parser,
     init_distributed,
     load_base,
     load_checkpoint,
@@ -161,14 +162,7 @@ class Config:
 
 
 def parse_args(argv=None) -> Config:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        if f.type is bool or f.type == "bool":
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    p = flags_parser(Config, __doc__)
     cfg = Config(**vars(p.parse_args(argv)))
     if not (cfg.base and cfg.tokenizer and cfg.data):
         p.error("--base, --tokenizer and --data are required")

@@ -20,7 +20,6 @@ Writes a markdown table to stdout and --out (JSON with the same numbers next to 
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -181,9 +180,6 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
         model.train()
         size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
         row["cache_bytes_per_token"] = size / n_tok
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
