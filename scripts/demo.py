@@ -189,13 +189,12 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
 
 
 def proxy_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
-    common = ["train_proxy.py", ["--base", bases["proxy"], "--tokenizer", w["tok"], "--data", w["teacher"],
-              "--eval_data", w["heldout"], "--rounds", str(a.rounds), "--lr", str(a.proxy_lr), "--beta", str(a.beta),
-              "--nll_reduction", a.nll_reduction,
-              "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", "96",
-              "--base_dtype", "float32", "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]]
-    return [Job("proxy", common[0], common[1], f"{out}/proxy"),
-            Job("proxy_no_po", common[0], common[1] + ["--no_dpo"], f"{out}/proxy_no_po")]
+    args = ["--base", bases["proxy"], "--tokenizer", w["tok"], "--data", w["teacher"], "--eval_data", w["heldout"],
+            "--rounds", str(a.rounds), "--lr", str(a.proxy_lr), "--beta", str(a.beta), "--nll_reduction", a.nll_reduction,
+            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", "96", "--base_dtype", "float32",
+            "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]
+    return [Job("proxy", "train_proxy.py", args, f"{out}/proxy"),
+            Job("proxy_no_po", "train_proxy.py", args + ["--no_dpo"], f"{out}/proxy_no_po")]
 
 
 def student_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
