@@ -347,6 +347,39 @@ def finish(code: int = 0) -> None:
     os._exit(code)
 
 
+def fail(rank: int, msg: str, code: int = 2) -> None:
+    """Every rank calls this on the same (collectively agreed) condition; rank 0 says why, prefixed with
+    the script's name, and every rank ends with `code`."""
+    if rank == 0:
+        print(f"{os.path.basename(sys.argv[0])}: {msg}", file=sys.stderr)
+    finish(code)
+
+
+def agree(obj):
+    """Rank 0's value of obj on every rank (a collective)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def start_or_resume(resume: bool, ckpt_dir: str, metrics_path: str, model, optimizer, global_batch: int, rank: int):
+    """Collective. With resume, load <ckpt_dir>/latest (if any) into model and optimizer and cut
+    metrics.jsonl back to its step; otherwise (or with no checkpoint) start a new metrics.jsonl.
+    Returns (state or None, step, MetricsLogger). A checkpoint of another global batch is refused: its
+    data order would not continue."""
+    state = load_checkpoint(ckpt_dir, model, optimizer) if resume else None
+    step = state["step"] if state else 0
+    if state and state["global_batch"] != global_batch:
+        fail(rank, f"checkpoint has global batch {state['global_batch']}, this run {global_batch}: same "
+                   f"--batch_size * --grad_accum * world size needed to resume")
+    if rank == 0:
+        if state:
+            truncate_metrics(metrics_path, step)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    return state, step, MetricsLogger(metrics_path, rank)
+
+
 def eval_batches(encoded: list[dict], batch_size: int, rank: int, world: int, pad_id: int) -> list[dict]:
     """Held-out examples (data.encode_example dicts) -> this rank's collated batches for `evaluate`.
 
@@ -658,11 +691,8 @@ def main(argv=None) -> None:
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     os.makedirs(cfg.out, exist_ok=True)
-    exists = rank == 0 and _latest(ckpt_dir) is not None
-    if exists and not cfg.resume:
-        print(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or use a new --out", file=sys.stderr)
-    if _any_rank(exists and not cfg.resume, device):
-        finish(2)
+    if not cfg.resume and agree(rank == 0 and _latest(ckpt_dir) is not None):
+        fail(rank, f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or use a new --out")
 
     # data: D_w (warm-up) and D_p (alignment) slices of the teacher data; D_s is left to the student
     tok = data.Tokenizer(cfg.tokenizer)
@@ -671,9 +701,7 @@ def main(argv=None) -> None:
         examples = data.read_jsonl(cfg.data, **fields)
         held_out = data.read_jsonl(cfg.eval_data, **fields) if cfg.eval_data else []
     except (ValueError, OSError) as e:  # every rank reads the same file and fails alike: no rank hangs
-        if rank == 0:
-            print(f"train_proxy.py: bad input data: {e}", file=sys.stderr)
-        finish(2)
+        fail(rank, f"bad input data: {e}")
     split = data.split_indices(len(examples), cfg.split_seed)
     d_w, d_p = split["warmup"], split["proxy"]
     encoded = {i: data.encode_example(tok, examples[i], cfg.max_len) for i in d_w + d_p}
@@ -682,9 +710,7 @@ def main(argv=None) -> None:
     with open(os.path.join(cfg.base, "config.json")) as f:
         model_vocab = json.load(f)["vocab_size"]
     if tok.vocab_size > model_vocab:
-        if rank == 0:
-            print(f"tokenizer has {tok.vocab_size} tokens, {cfg.base} only {model_vocab}", file=sys.stderr)
-        finish(2)
+        fail(rank, f"tokenizer has {tok.vocab_size} tokens, {cfg.base} only {model_vocab}")
 
     # model: frozen bf16 base + fp32 LoRA, FSDP2-sharded; Adam on the LoRA tensors only
     model = load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, device, getattr(torch, cfg.base_dtype))
@@ -700,19 +726,7 @@ def main(argv=None) -> None:
     global_batch = cfg.batch_size * cfg.grad_accum * world
 
     # resume
-    state = load_checkpoint(ckpt_dir, model, optimizer) if cfg.resume else None
-    step = state["step"] if state else 0
-    if state and state["global_batch"] != global_batch:
-        if rank == 0:
-            print(f"checkpoint has global batch {state['global_batch']}, this run {global_batch}: same --batch_size * "
-                  f"--grad_accum * world size needed to resume", file=sys.stderr)
-        finish(2)
-    if rank == 0:
-        if state:
-            truncate_metrics(metrics_path, step)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    log = MetricsLogger(metrics_path, rank)
+    state, step, log = start_or_resume(cfg.resume, ckpt_dir, metrics_path, model, optimizer, global_batch, rank)
     if state:
         log.log({"step": step, "resumed_from": step})
     else:
@@ -730,10 +744,8 @@ def main(argv=None) -> None:
         pbar.update(1)
         if not torch.isfinite(sums[:3]).all():
             log.log({"step": step, "stage": stage, "round": rnd, "error": "non-finite loss", "loss": sums[0].item()})
-            if rank == 0:
-                print(f"\nnon-finite loss at step {step} ({stage}, round {rnd}); no update applied; the last good "
-                      f"checkpoint is {_latest(ckpt_dir)}", file=sys.stderr)
-            finish(3)
+            fail(rank, f"non-finite loss at step {step} ({stage}, round {rnd}); no update applied; the last good "
+                       f"checkpoint is {_latest(ckpt_dir)}", 3)
         # log: losses of this step, rewards and throughput since the last line
         acc += sums.cpu()
         if step % cfg.log_every == 0 or stage_end:

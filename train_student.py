@@ -95,21 +95,21 @@ from tqdm import tqdm
 import data
 import proxykd as pk
 from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, metrics, eval, outputs
-    MetricsLogger,
+    agree,
     eval_batches,
     evaluate,
+    fail,
     finish,
     flags_parser,
     init_distributed,
     load_base,
-    load_checkpoint,
     load_lora_model,
     make_batch,
     plan_steps,
     save_checkpoint,
     save_final,
     shard_model,
-    truncate_metrics,
+    start_or_resume,
 )
 
 CACHE_FORMAT = "proxykd-topk-cache/1"
@@ -437,20 +437,6 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     return sums
 
 
-def fail(rank: int, msg: str, code: int = 2) -> None:
-    """Every rank calls this on the same (collectively agreed) condition; rank 0 says why."""
-    if rank == 0:
-        print(f"train_student.py: {msg}", file=sys.stderr)
-    finish(code)
-
-
-def agree(obj):
-    """Rank 0's value of obj on every rank (a collective)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def first_error(err: str | None) -> str | None:
     """The first error message of any rank, on every rank (a collective), or None."""
     errs = [None] * dist.get_world_size()
@@ -549,7 +535,7 @@ def main(argv=None) -> None:
 
         # Eq. 9: mu, gamma over all of D_s; each rank contributes a disjoint slice, all_reduced.
         # Examples cut to no response tokens (prompt >= max_len) have no KL term and are left out.
-        scored = [i for i in d_s if cache.n_tokens([i])[0] > 0]
+        scored = [i for i, n in zip(d_s, cache.n_tokens(d_s).tolist()) if n > 0]
         mine = scored[rank::world]
         scores = pk.weight_scores(cache.seq_logps(mine).to(device), cache.n_tokens(mine).to(device), cfg.weight_per_token)
         mu, gamma = pk.reduce_mean_std(scores)
@@ -572,17 +558,7 @@ def main(argv=None) -> None:
     global_batch = cfg.batch_size * cfg.grad_accum * world
 
     # resume
-    state = load_checkpoint(ckpt_dir, model, optimizer) if cfg.resume else None
-    step = state["step"] if state else 0
-    if state and state["global_batch"] != global_batch:
-        fail(rank, f"checkpoint has global batch {state['global_batch']}, this run {global_batch}: same "
-                   f"--batch_size * --grad_accum * world size needed to resume")
-    if rank == 0:
-        if state:
-            truncate_metrics(metrics_path, step)
-        elif os.path.exists(metrics_path):
-            os.remove(metrics_path)
-    log = MetricsLogger(metrics_path, rank)
+    state, step, log = start_or_resume(cfg.resume, ckpt_dir, metrics_path, model, optimizer, global_batch, rank)
     if state:
         log.log({"step": step, "resumed_from": step})  # the step-0 lines (config, cache, weights) are kept
     else:
