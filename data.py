@@ -72,10 +72,17 @@ class Tokenizer:
 
     def __init__(self, model_path: str):
         self.path = str(model_path)
-        with open(self.path, "rb") as f:
-            blob = f.read()
+        expected = "expected a sentencepiece tokenizer.model"
+        try:
+            with open(self.path, "rb") as f:
+                blob = f.read()
+        except OSError as e:
+            raise ValueError(f"{self.path}: cannot read the tokenizer ({e.strerror}); {expected}") from None
         self.fingerprint = hashlib.sha256(blob).hexdigest()
-        self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        except RuntimeError:  # sentencepiece's parse error names no file
+            raise ValueError(f"{self.path}: not a sentencepiece model ({len(blob)} bytes that do not parse); {expected}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
@@ -251,6 +258,13 @@ def _hash_order(indices, *key) -> list[int]:
     return sorted((int(i) for i in indices), key=lambda i: (hashlib.blake2b(b"%s:%d" % (salt, i), digest_size=8).digest(), i))
 
 
+def seed_of(*key) -> int:
+    """A 63-bit RNG seed fixed by key (ints and strings), e.g. seed_of("sample", seed, round, rank): the
+    same under any Python hash seed, unlike hash()."""
+    digest = hashlib.blake2b(":".join(map(str, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def split_indices(n: int, seed: int) -> dict:
     """range(n) -> dict(warmup=D_w, proxy=D_p, student=D_s), sorted lists, disjoint and complete.
     |D_w| = floor(n / 10), |D_p| = floor((n - |D_w|) / 2), |D_s| = the rest (10/45/45)."""
@@ -390,6 +404,15 @@ def extract_answer(text: str) -> str | None:
     canonical integer string; None if the text has none."""
     hits = _ANSWER_RE.findall(text)
     return str(int(hits[-1])) if hits else None
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str, content: bytes | str) -> None:

@@ -108,11 +108,6 @@ class ModelArgs:
 PRESETS = {
     # unit tests: GQA (2 query heads per kv head) so every code path is exercised
     "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=256),
-    # CPU demo (DEMO_FACTS.md: dim 64 / 2 layers learns the toy task); vocab is set from the tokenizer
-    "demo-student": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=176, vocab_size=256,
-                         max_seq_len=512),
-    "demo-proxy": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=256,
-                       max_seq_len=512),
     # meta-llama/Llama-2-*-hf config.json
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000,
                        max_seq_len=4096),
@@ -121,6 +116,22 @@ PRESETS = {
     "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000,
                         max_seq_len=4096),
 }
+
+
+def read_hf_config(path: str) -> dict:
+    """path/config.json of an HF-format checkpoint dir, as a dict. Raises ValueError with a one-line
+    message naming the path and what was expected (the train scripts print it as is)."""
+    expected = "expected an HF-format checkpoint dir (config.json + *.safetensors)"
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such directory; {expected}")
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no config.json; {expected}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg}); {expected}") from None
 
 
 class RMSNorm(nn.Module):
@@ -318,8 +329,7 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
         """path/config.json + path/model.safetensors (or model.safetensors.index.json and its shards)."""
-        with open(os.path.join(path, "config.json")) as f:
-            args = ModelArgs.from_hf_config(json.load(f))
+        args = ModelArgs.from_hf_config(read_hf_config(path))
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:

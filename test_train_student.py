@@ -330,3 +330,95 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def test_world_size_1_matches_2(world, run_kd):
+    """Same global batch (1 rank x 4 == 2 ranks x 2), fp32 base, run_kd's cache: the same losses and the
+    same adapter up to float summation order. SGD, whose update is lr x the gradient, so the gradient's
+    scale across world sizes is pinned too (Adam would hide a wrong factor)."""
+    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"),
+                              "--base_dtype", "float32", "--optimizer", "sgd"]
+    ws1, ws2 = str(world["dir"] / "sgd_ws1"), str(world["dir"] / "sgd_ws2")
+    ok(launch(args + ["--out", ws2]))
+    ok(launch(args + ["--out", ws1, "--batch_size", "4"], nproc=0))
+    s1, s2 = steps_of(ws1), steps_of(ws2)
+    assert [r["step"] for r in s1] == [r["step"] for r in s2] == list(range(1, world["steps"] + 1))
+    for a, b in zip(s1, s2):
+        for key in ("loss", "nll", "wkl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    a1, a2 = adapter(ws1), adapter(ws2)
+    assert a1.keys() == a2.keys()
+    assert any(a1[k].abs().max() > 0 for k in a1 if "lora_B" in k)  # SGD moved B off zero
+    for k in a1:
+        torch.testing.assert_close(a1[k], a2[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("crash_at,extra", [
+    ("cache_part:2:1", []),  # during the cache build: rank 1 dies after writing its second part
+    ("checkpoint:2:0", ["--save_every", "1"]),  # during a checkpoint write (run_kd's complete cache)
+])
+def test_sigkill_then_resume_matches_uninterrupted(world, run_kd, crash_at, extra):
+    """SIGKILL one rank at a given point, rerun with --resume: the same student adapter as the
+    uninterrupted run_kd, bitwise (the cache build keeps the whole parts and computes the rest)."""
+    out = str(world["dir"] / ("crash-" + crash_at.replace(":", "-")))
+    cache = [] if crash_at.startswith("cache") else ["--cache_dir", os.path.join(run_kd, "cache")]
+    args = world["common"] + ["--proxy", world["proxy_a"], "--out", out, *cache, *extra]
+    test_train_proxy.crash_and_resume(args, crash_at, script="train_student.py")
+    ref, res = steps_of(run_kd), steps_of(out)
+    assert [(r["step"], r["loss"]) for r in ref] == [(r["step"], r["loss"]) for r in res]
+    test_train_proxy.same_adapter(os.path.join(run_kd, "adapter"), os.path.join(out, "adapter"))
+
+
+def test_provenance_guards_d_s(world, tmp_path):
+    """A proxy's provenance.json (train_proxy.py) must describe this run's split: the same split seed and
+    data file pass; another split seed or another file is a problem naming what differs; a proxy without
+    provenance (a raw base, the -align ablation) only gets a note."""
+    import train_proxy as tp
+
+    proxy = str(tmp_path / "proxy")
+    shutil.copytree(world["proxy_a"], proxy)
+    n = len(data.read_jsonl(world["data"]))
+    cfg = ts.Config(data=world["data"], proxy=proxy, split_seed=SEED)
+    assert ts.check_provenance(cfg, n, world["tok"])[0] is None
+    assert "-align" in ts.check_provenance(cfg, n, world["tok"])[1]
+
+    def write(**kw):
+        with open(os.path.join(proxy, tp.PROVENANCE), "w") as f:
+            json.dump(tp.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
+                                            "tok": world["tok"], **kw}), f)
+
+    write()
+    assert ts.check_provenance(cfg, n, world["tok"]) == (None, None)
+    write(split_seed=SEED + 7)
+    problem, _ = ts.check_provenance(cfg, n, world["tok"])
+    assert "split_seed: proxy 7, this run 0" in problem and "data_sha256" not in problem
+    other = str(tmp_path / "other.jsonl")
+    data.write_demo_jsonl(other, n + 10, seed=5)
+    write(data_path=other, n_examples=n + 10)
+    problem, _ = ts.check_provenance(cfg, n, world["tok"])
+    assert "data_sha256" in problem and "split_sizes" in problem
+
+    # end to end: one line on stderr, exit 2, before any proxy forward
+    write(split_seed=SEED + 7)
+    p = launch(world["common"] + ["--proxy", proxy, "--out", str(tmp_path / "out")], nproc=0)
+    assert p.returncode == 2 and "split_seed" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert not os.path.exists(str(tmp_path / "out" / "cache"))
+
+
+@pytest.mark.parametrize("flag,value,what", [
+    ("--base", "no/such/dir", "no such directory; expected an HF-format checkpoint dir"),
+    ("--tokenizer", "no/such/tokenizer.model", "cannot read the tokenizer"),
+    ("--tokenizer", "DATA", "not a sentencepiece model"),  # a JSONL file given as the tokenizer
+])
+def test_bad_paths_give_one_line_errors(world, tmp_path, flag, value, what):
+    """A missing base dir or an unreadable tokenizer stops both ranks (torchrun then exits non-zero) with
+    one line naming the path and what was expected, and no traceback."""
+    value = world["data"] if value == "DATA" else value
+    args = ["--base", world["student"], "--tokenizer", world["tok_path"], "--data", world["data"], "--out",
+            str(tmp_path / "out"), flag, value]
+    for script, extra in (("train_student.py", ["--alpha", "0"]), ("train_proxy.py", [])):
+        p = test_train_proxy.launch(args + extra, script=script)
+        assert p.returncode != 0, p.stderr[-3000:]
+        lines = [line for line in p.stderr.splitlines() if what in line]
+        assert len(lines) == 1 and value in lines[0], p.stderr[-3000:]
+        assert f'File "{test_train_proxy.ROOT}' not in p.stderr  # no traceback through our code (torchrun prints its own)

@@ -74,7 +74,9 @@ Outputs in --out
                     (deleted once the round is checkpointed).
     adapter/        the aligned proxy's LoRA adapter (PEFT layout).
     final/          the aligned proxy merged, HF format (config.json + model.safetensors) +
-                    tokenizer.model: train_student.py --proxy <out>/final.
+                    tokenizer.model + provenance.json (sha256 of --data, --split_seed, split sizes,
+                    tokenizer sha256: train_student.py refuses a D_s this proxy trained on):
+                    train_student.py --proxy <out>/final.
     warmup/         adapter/ and final/ of the warmed-up, unaligned proxy (the "-align" ablation).
 """
 
@@ -86,6 +88,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -107,7 +110,7 @@ from tqdm import tqdm
 import data
 import lora
 import proxykd as pk
-from model import Llama, ModelArgs, generate
+from model import Llama, ModelArgs, generate, read_hf_config
 
 # ---------------------------------------------------------------------------------------------------
 # shared plumbing (train_student.py imports these; keep the names and signatures stable)
@@ -154,8 +157,7 @@ def load_base(base_dir: str, dtype=torch.bfloat16) -> Llama:
     """
     if not dist.is_initialized() or dist.get_rank() == 0:
         return Llama.from_pretrained(base_dir, dtype=dtype, device="cpu")
-    with open(os.path.join(base_dir, "config.json")) as f:
-        args = ModelArgs.from_hf_config(json.load(f))
+    args = ModelArgs.from_hf_config(read_hf_config(base_dir))
     with torch.device("meta"):
         return Llama(args).to(dtype)
 
@@ -262,6 +264,7 @@ def save_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer, stat
         torch.save(optim_sd, os.path.join(tmp, "optimizer.pt"))
         torch.save({**state, "rng": rng, "world_size": dist.get_world_size()}, os.path.join(tmp, "state.pt"))
         os.replace(tmp, path)
+        crash_point("checkpoint")  # the new dir is in place, `latest` still names the previous one
         data.atomic_write(os.path.join(ckpt_dir, "latest"), name)
         done = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("step-") and not d.endswith(".tmp"))
         for d in done[:-keep] if keep > 0 else []:
@@ -347,6 +350,23 @@ def finish(code: int = 0) -> None:
     os._exit(code)
 
 
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Fault injection for test_crash.py: with PROXYKD_CRASH_AT=name:n:rank in the environment, that rank
+    SIGKILLs itself the n-th time it passes the point `name` (as an OOM kill or a lost node would: no
+    cleanup, no flush). A no-op otherwise."""
+    spec = os.environ.get("PROXYKD_CRASH_AT")
+    if not spec:
+        return
+    point, n, rank = spec.split(":")
+    if point == name and dist.get_rank() == int(rank):
+        _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+        if _CRASH_COUNTS[name] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def fail(rank: int, msg: str, code: int = 2) -> None:
     """Every rank calls this on the same (collectively agreed) condition; rank 0 says why, prefixed with
     the script's name, and every rank ends with `code`."""
@@ -425,11 +445,13 @@ def evaluate(model, batches: list[dict], device) -> dict:
     return {"nll": nll / max(n, 1), "top1_agreement": agree / max(n, 1), "tokens": int(n)}
 
 
-def save_final(out_dir: str, model, tokenizer_path: str, cfg, dtype: torch.dtype | None = None) -> None:
+def save_final(out_dir: str, model, tokenizer_path: str, cfg, dtype: torch.dtype | None = None,
+               provenance: dict | None = None) -> None:
     """Collective. Write the trained adapter and the merged model:
       out_dir/adapter/  adapter_model.safetensors + adapter_config.json (PEFT layout)
       out_dir/final/    config.json + model.safetensors (HF format, W + (alpha/r) B A merged in fp32,
                         stored in `dtype`, default the base checkpoint's own dtype) + tokenizer.model
+                        (+ provenance.json, the `provenance` dict, when given: what data trained it)
     cfg needs .base (the HF base dir). Rank 0 does the merge on CPU from the gathered LoRA tensors and a
     fresh copy of the base, so no accelerator ever holds a second model; the other ranks wait at a
     barrier (minutes for a 70B model: init_distributed allows collectives an hour)."""
@@ -437,8 +459,7 @@ def save_final(out_dir: str, model, tokenizer_path: str, cfg, dtype: torch.dtype
     if dist.get_rank() == 0:
         lora.save_adapter(os.path.join(out_dir, "adapter"), lora_sd, model.lora_config)
         if dtype is None:
-            with open(os.path.join(cfg.base, "config.json")) as f:
-                name = json.load(f).get("torch_dtype", "bfloat16")
+            name = read_hf_config(cfg.base).get("torch_dtype", "bfloat16")
             dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.bfloat16
         # merge() computes W + (alpha / r) B A in fp32 and rounds once, so the base can be loaded
         # straight in the output dtype (one copy of the model in host memory, never an fp32 one)
@@ -446,7 +467,20 @@ def save_final(out_dir: str, model, tokenizer_path: str, cfg, dtype: torch.dtype
         lora.merge_lora(lora.load_adapter(merged, os.path.join(out_dir, "adapter")))
         merged.save_pretrained(os.path.join(out_dir, "final"))
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, "final", "tokenizer.model"))
+        if provenance is not None:
+            data.atomic_write(os.path.join(out_dir, "final", PROVENANCE), json.dumps(provenance, indent=1, sort_keys=True))
     dist.barrier()
+
+
+PROVENANCE = "provenance.json"
+
+
+def data_provenance(data_path: str, split_seed: int, n_examples: int, tok) -> dict:
+    """What a proxy's training data was, for final/provenance.json: train_student.py checks that its D_s
+    is the slice this proxy never saw (same file, split seed and sizes) and that the tokenizer is the same."""
+    split = data.split_indices(n_examples, split_seed)
+    return {"data_sha256": data.sha256_file(data_path), "split_seed": split_seed,
+            "split_sizes": {k: len(v) for k, v in split.items()}, "tokenizer_sha256": tok.fingerprint}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,6 +503,7 @@ class Config:
     batch_size: int = 4  # examples (stage 2: preference pairs) per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
     lr: float = 1e-5  # Adam, constant (paper)
+    optimizer: str = "adam"  # adam (paper) or sgd (tests: its update is proportional to the gradient, Adam's is not)
     warmup_epochs: int = 1  # stage 1 passes over D_w (paper: one epoch)
     rounds: int = 16  # k, alignment iterations over D_p (paper: 16); round i trains on shard i of D_p
     beta: float = 0.1  # DPO temperature of Eq. 4
@@ -510,6 +545,8 @@ def parse_args(argv=None) -> Config:
     cfg = Config(**vars(p.parse_args(argv)))
     if not (cfg.base and cfg.tokenizer and cfg.data):
         p.error("--base, --tokenizer and --data are required")
+    if cfg.optimizer not in ("adam", "sgd"):
+        p.error("--optimizer must be adam or sgd")
     if cfg.nll_reduction not in ("token", "sequence"):
         p.error("--nll_reduction must be token or sequence")
     for name in ("base_dtype",) + (("merged_dtype",) if cfg.merged_dtype else ()):
@@ -518,6 +555,12 @@ def parse_args(argv=None) -> Config:
     if cfg.rounds < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         p.error("--rounds >= 0, --batch_size >= 1 and --grad_accum >= 1")
     return cfg
+
+
+def make_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """Adam (the paper's) or plain SGD at a constant cfg.lr, over the trainable (LoRA) tensors only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
 
 
 def plan_steps(indices: list[int], cfg: Config, rank: int, world: int, epochs) -> list[list[list[int]]]:
@@ -560,6 +603,7 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
     ids_all, seqs, plens, ref_c, ref_r = [], [], [], [], []
     micro = [ids for step in steps for ids in step]
     for ids in tqdm(micro, desc="sample", leave=False, disable=not show):
+        crash_point("sample")
         encs = [encoded[i] for i in ids]
         prompts = [list(e["input_ids"][: prompt_len(e)]) for e in encs]
         y_hat = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
@@ -695,27 +739,26 @@ def main(argv=None) -> None:
         fail(rank, f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or use a new --out")
 
     # data: D_w (warm-up) and D_p (alignment) slices of the teacher data; D_s is left to the student
-    tok = data.Tokenizer(cfg.tokenizer)
     fields = dict(prompt_field=cfg.prompt_field, response_field=cfg.response_field, system_field=cfg.system_field or None)
-    try:
+    try:  # every rank reads the same files and fails alike (one line, no traceback): no rank hangs
+        model_vocab = read_hf_config(cfg.base)["vocab_size"]
+        tok = data.Tokenizer(cfg.tokenizer)
         examples = data.read_jsonl(cfg.data, **fields)
         held_out = data.read_jsonl(cfg.eval_data, **fields) if cfg.eval_data else []
-    except (ValueError, OSError) as e:  # every rank reads the same file and fails alike: no rank hangs
-        fail(rank, f"bad input data: {e}")
+    except (ValueError, OSError, KeyError) as e:
+        fail(rank, f"bad input: {e}")
     split = data.split_indices(len(examples), cfg.split_seed)
     d_w, d_p = split["warmup"], split["proxy"]
     encoded = {i: data.encode_example(tok, examples[i], cfg.max_len) for i in d_w + d_p}
     held_out = [data.encode_example(tok, e, cfg.max_len) for e in held_out]
     evals = eval_batches(held_out, cfg.eval_batch_size, rank, world, tok.pad_id)
-    with open(os.path.join(cfg.base, "config.json")) as f:
-        model_vocab = json.load(f)["vocab_size"]
     if tok.vocab_size > model_vocab:
         fail(rank, f"tokenizer has {tok.vocab_size} tokens, {cfg.base} only {model_vocab}")
 
     # model: frozen bf16 base + fp32 LoRA, FSDP2-sharded; Adam on the LoRA tensors only
     model = load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, device, getattr(torch, cfg.base_dtype))
     model = shard_model(model, cfg.activation_checkpointing)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
 
     # the plan: stage 1 steps over D_w, then k rounds of steps over the round shards of D_p
     warm_steps = plan_steps(d_w, cfg, rank, world, range(cfg.warmup_epochs))
@@ -741,6 +784,7 @@ def main(argv=None) -> None:
     def after_step(stage: str, rnd: int, sums: torch.Tensor, stage_end: bool) -> None:
         """Log, NaN stop, evaluate at stage ends, checkpoint, and the testing stop, after optimizer step `step`."""
         nonlocal t_log, acc
+        crash_point("step")  # the update is applied, not yet checkpointed
         pbar.update(1)
         if not torch.isfinite(sums[:3]).all():
             log.log({"step": step, "stage": stage, "round": rnd, "error": "non-finite loss", "loss": sums[0].item()})
@@ -778,8 +822,9 @@ def main(argv=None) -> None:
         sums = train_step(model, optimizer, batches, world, cfg, device)
         step += 1
         after_step("warmup", 0, sums, stage_end=j == len(warm_steps) - 1)
-    if warm_steps and step == len(warm_steps):
-        save_final(os.path.join(cfg.out, "warmup"), model, cfg.tokenizer, cfg)  # the warmed-up proxy ("-align" ablation)
+    provenance = data_provenance(cfg.data, cfg.split_seed, len(examples), tok)
+    if warm_steps and step == len(warm_steps):  # the warmed-up proxy ("-align" ablation)
+        save_final(os.path.join(cfg.out, "warmup"), model, cfg.tokenizer, cfg, provenance=provenance)
 
     # ---- stage 2: k rounds of Eq. 6 = NLL(y) + DPO(y over y_hat) on the round shards of D_p
     first = len(warm_steps)
@@ -798,16 +843,21 @@ def main(argv=None) -> None:
         my_ids = [x for s in steps for ids in s for x in ids]
         meta = round_meta(cfg, rnd, rank, world)
         pairs = load_round(path, meta, my_ids) if cfg.resume and not cfg.no_dpo else None
+        # Sampling is collective (FSDP forwards), so whether to sample is agreed: a crash in the
+        # pre-pass can leave some ranks' files written and others not. At the round start every rank
+        # then samples again (the same y_hat: same weights, same generator); inside the round the
+        # reference weights are gone, so a missing file stops the run.
+        resample = _any_rank(pairs is None and not cfg.no_dpo, device)
         missing = pairs is None and step > first and not cfg.no_dpo
         if missing:
             print(f"rank {rank}: resuming inside round {rnd} needs {path} (written at the round start by the same "
                   f"world size and settings); it is missing or does not match this run", file=sys.stderr)
         if _any_rank(missing, device):
             finish(2)
-        if pairs is None and not cfg.no_dpo:
+        if resample:
             t0 = time.time()
             # a CPU generator per (seed, round, rank): the same y_hat on any device, and on resume
-            gen = torch.Generator().manual_seed(hash((cfg.seed, rnd, rank)) & 0x7FFF_FFFF)
+            gen = torch.Generator().manual_seed(data.seed_of("sample", cfg.seed, rnd, rank))
             pairs = sample_round(model, steps, encoded, tok, cfg, gen, device, rank == 0)
             save_round(path, pairs, meta)
             stats = [time.time() - t0, float(len(my_ids)), *_pair_stats(pairs, encoded)]
@@ -834,7 +884,7 @@ def main(argv=None) -> None:
 
     # outputs: the aligned proxy as a PEFT adapter and merged in HF format (+ tokenizer.model)
     merged_dtype = getattr(torch, cfg.merged_dtype) if cfg.merged_dtype else None
-    save_final(cfg.out, model, cfg.tokenizer, cfg, merged_dtype)
+    save_final(cfg.out, model, cfg.tokenizer, cfg, merged_dtype, provenance)
     log.log({"step": step, "done": True, "final": os.path.join(cfg.out, "final")})
     finish(0)
 

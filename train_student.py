@@ -94,17 +94,22 @@ from tqdm import tqdm
 
 import data
 import proxykd as pk
+from model import read_hf_config
 from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, metrics, eval, outputs
     agree,
+    crash_point,
     eval_batches,
     evaluate,
     fail,
     finish,
     flags_parser,
+    PROVENANCE,
+    data_provenance,
     init_distributed,
     load_base,
     load_lora_model,
     make_batch,
+    make_optimizer,
     plan_steps,
     save_checkpoint,
     save_final,
@@ -134,6 +139,7 @@ class Config:
     batch_size: int = 4  # examples per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
     lr: float = 1e-5  # Adam, constant (paper)
+    optimizer: str = "adam"  # adam (paper) or sgd (tests: its update is proportional to the gradient, Adam's is not)
     epochs: int = 1  # passes over D_s (paper: one epoch)
     alpha: float = 100.0  # weight of the KL term in Eq. 11 (paper: 100); 0 = black-box KD, plain SFT, no proxy
     no_weights: bool = False  # w = 1: unweighted KL, Eq. 8 instead of Eq. 10 (ablation)
@@ -171,6 +177,8 @@ def parse_args(argv=None) -> Config:
     for name in ("base_dtype", "proxy_dtype") + (("merged_dtype",) if cfg.merged_dtype else ()):
         if getattr(cfg, name) not in DTYPES:
             p.error(f"--{name} must be bfloat16, float16 or float32")
+    if cfg.optimizer not in ("adam", "sgd"):
+        p.error("--optimizer must be adam or sgd")
     if cfg.cache_only and cfg.alpha == 0:
         p.error("--cache_only with --alpha 0: black-box KD uses no proxy cache")
     if cfg.cache_dtype not in ("float16", "bfloat16"):
@@ -189,14 +197,6 @@ class CacheError(RuntimeError):
     """A cache that must not be used; the message says why and how to rebuild."""
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def proxy_fingerprint(proxy_dir: str) -> str:
     """sha256 over the proxy's config and weight files (names and contents): the checkpoint identity.
     Reads every weight byte (minutes for 70B, once per run, on rank 0): cheaper stand-ins such as
@@ -206,8 +206,31 @@ def proxy_fingerprint(proxy_dir: str) -> str:
         raise FileNotFoundError(f"{proxy_dir}: no *.safetensors weights (expected an HF-format proxy dir)")
     h = hashlib.sha256()
     for n in names:
-        h.update(f"{n}\0{sha256_file(os.path.join(proxy_dir, n))}\0".encode())
+        h.update(f"{n}\0{data.sha256_file(os.path.join(proxy_dir, n))}\0".encode())
     return h.hexdigest()
+
+
+def check_provenance(cfg: Config, n_examples: int, tok: data.Tokenizer) -> tuple[str | None, str | None]:
+    """Compare this run's data split with the one the proxy was trained on (<proxy>/provenance.json,
+    written by train_proxy.py) -> (problem, note): a problem when the proxy saw another file, split seed
+    or split sizes (then part of this D_s was the proxy's D_w / D_p: its soft labels and Eq. 9 weights
+    there are memorised, not generalised) or used another tokenizer; a note when the proxy has no
+    provenance (a raw base checkpoint, the "-align" ablation), which is allowed."""
+    path = os.path.join(cfg.proxy, PROVENANCE)
+    if not os.path.exists(path):
+        return None, (f"{path} not found (a raw base checkpoint, the -align ablation?): cannot check that D_s "
+                      f"is data the proxy never trained on")
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{path}: unreadable ({e}); expected train_proxy.py's provenance.json", None
+    ours = data_provenance(cfg.data, cfg.split_seed, n_examples, tok)
+    diff = [f"{k}: proxy {theirs.get(k)!r}, this run {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    if not diff:
+        return None, None
+    return (f"the proxy {cfg.proxy} was trained on another split of the data than this run's D_s ("
+            + "; ".join(diff) + "): pass train_proxy.py's --data and --split_seed, or the proxy trained for them"), None
 
 
 def template_fingerprint(tok: data.Tokenizer, max_len: int) -> str:
@@ -221,7 +244,7 @@ def template_fingerprint(tok: data.Tokenizer, max_len: int) -> str:
 def cache_meta(cfg: Config, tok: data.Tokenizer, n_student: int, proxy_hash: str) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "data_sha256": sha256_file(cfg.data),
+        "data_sha256": data.sha256_file(cfg.data),
         "fields": [cfg.prompt_field, cfg.response_field, cfg.system_field],
         "split_seed": cfg.split_seed,
         "n_student_examples": n_student,
@@ -393,6 +416,7 @@ def build_cache(cfg: Config, proxy, encoded: dict, todo: list[int], digest: str,
         if (j + 1) % cfg.cache_flush_every == 0:
             write_part(cfg.cache_dir, digest, records)
             records = []
+            crash_point("cache_part")
     write_part(cfg.cache_dir, digest, records)
     return n_tok
 
@@ -456,31 +480,37 @@ def main(argv=None) -> None:
     pending = []  # metrics lines of phase 1, logged once the resume step is known
 
     # data: D_s is the "student" slice of the split train_proxy.py made with the same --data / --split_seed
-    tok = data.Tokenizer(cfg.tokenizer)
     fields = dict(prompt_field=cfg.prompt_field, response_field=cfg.response_field, system_field=cfg.system_field or None)
-    try:
+    try:  # every rank reads the same files and fails alike (one line, no traceback): no rank hangs
+        student_vocab = read_hf_config(cfg.base)["vocab_size"]
+        tok = data.Tokenizer(cfg.tokenizer)
         examples = data.read_jsonl(cfg.data, **fields)
         held_out = data.read_jsonl(cfg.eval_data, **fields) if cfg.eval_data else []
-    except (ValueError, OSError) as e:  # every rank reads the same file and fails alike: no rank hangs
-        fail(rank, f"bad input data: {e}")
+    except (ValueError, OSError, KeyError) as e:
+        fail(rank, f"bad input: {e}")
     d_s = data.split_indices(len(examples), cfg.split_seed)["student"]
     encoded = {i: data.encode_example(tok, examples[i], cfg.max_len) for i in d_s}
     evals = eval_batches([data.encode_example(tok, e, cfg.max_len) for e in held_out], cfg.eval_batch_size, rank, world, tok.pad_id)
 
     # vocabularies: the cached top-k ids must mean the same tokens to the student
-    with open(os.path.join(cfg.base, "config.json")) as f:
-        student_vocab = json.load(f)["vocab_size"]
     if tok.vocab_size > student_vocab:
         fail(rank, f"tokenizer has {tok.vocab_size} tokens, {cfg.base} only {student_vocab}")
     if cfg.alpha != 0:
         try:
+            proxy_vocab = read_hf_config(cfg.proxy)["vocab_size"]
             data.check_same_vocab(tok, data.Tokenizer(os.path.join(cfg.proxy, "tokenizer.model")))
-            with open(os.path.join(cfg.proxy, "config.json")) as f:
-                proxy_vocab = json.load(f)["vocab_size"]
             if proxy_vocab != student_vocab:
                 raise ValueError(f"proxy vocab_size {proxy_vocab} != student vocab_size {student_vocab}")
         except (ValueError, OSError) as e:
             fail(rank, f"proxy {cfg.proxy} and student {cfg.base} must share the tokenizer and vocabulary: {e}")
+        # D_s must be data the proxy never trained on (its soft labels and Eq. 9 weights assume it)
+        problem, note = check_provenance(cfg, len(examples), tok)
+        if problem:
+            fail(rank, problem)
+        if note:
+            pending.append({"step": 0, "note": note})
+            if rank == 0:
+                print(f"train_student.py: note: {note}", file=sys.stderr)
 
     # ---- phase 1: the proxy's top-k on D_s, cached once (skipped for black-box KD, alpha == 0)
     cache, weights = None, None
@@ -553,7 +583,7 @@ def main(argv=None) -> None:
     # ---- phase 2: the student, frozen bf16 base + fp32 LoRA, FSDP2-sharded; Adam on the LoRA tensors
     model = load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, device, getattr(torch, cfg.base_dtype))
     model = shard_model(model, cfg.activation_checkpointing)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg)
     steps = plan_steps(d_s, cfg, rank, world, range(cfg.epochs))
     global_batch = cfg.batch_size * cfg.grad_accum * world
 
