@@ -335,11 +335,13 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
 def test_world_size_1_matches_2(world, run_kd):
     """Same global batch (1 rank x 4 == 2 ranks x 2), fp32 base, run_kd's cache: the same losses and the
     same adapter up to float summation order. SGD, whose update is lr x the gradient, so the gradient's
-    scale across world sizes is pinned too (Adam would hide a wrong factor)."""
+    scale across world sizes is pinned too (Adam would hide a wrong factor). The 2-rank run stops after
+    3 steps and resumes (SGD has no optimizer state to restore)."""
     args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"),
                               "--base_dtype", "float32", "--optimizer", "sgd"]
     ws1, ws2 = str(world["dir"] / "sgd_ws1"), str(world["dir"] / "sgd_ws2")
-    ok(launch(args + ["--out", ws2]))
+    ok(launch(args + ["--out", ws2, "--stop_after_steps", "3"]))
+    ok(launch(args + ["--out", ws2, "--resume"]))
     ok(launch(args + ["--out", ws1, "--batch_size", "4"], nproc=0))
     s1, s2 = steps_of(ws1), steps_of(ws2)
     assert [r["step"] for r in s1] == [r["step"] for r in s2] == list(range(1, world["steps"] + 1))

@@ -291,7 +291,8 @@ def load_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer) -> d
         model_sd = lora.read_adapter(path)
         optim_sd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_model_state_dict(model, model_sd, options=_FROM_RANK0)
-    set_optimizer_state_dict(model, optimizer, optim_sd, options=_FROM_RANK0)
+    if not isinstance(optimizer, torch.optim.SGD):  # plain SGD keeps no state (and torch cannot load an empty one)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=_FROM_RANK0)
     rng = state.pop("rng")
     if state.pop("world_size") == dist.get_world_size():
         _set_rng_state(rng[rank])
