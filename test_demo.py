@@ -88,3 +88,47 @@ def test_prompt_ranges():
             assert running >= 0
         assert data.reference_answer(p) == str(running) == data.extract_answer(data.demo_teacher(p, 0))
     assert data.make_demo_prompts(50, seed=4) == data.make_demo_prompts(50, seed=4, steps=(2, 3), start=(2, 20), k=(1, 9))
+
+
+def load_demo_script():
+    """scripts/demo.py as a module, without letting its kernel pins (os.environ.setdefault at import) leak
+    into the environment of later tests' subprocesses."""
+    import importlib.util
+    import os
+    saved = dict(os.environ)
+    try:
+        spec = importlib.util.spec_from_file_location("demo_script", os.path.join(os.path.dirname(__file__), "scripts", "demo.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return mod
+
+
+def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
+    """demo.exact_metrics (one gather over a dense teacher matrix) against a loop over each position's
+    teacher distribution, on a random model whose argmax sometimes hits the teacher's."""
+    import torch
+    from model import Llama, ModelArgs
+    demo = load_demo_script()
+    heldout = data.write_demo_jsonl(str(tmp_path / "heldout.jsonl"), 5, seed=9)
+    ex = demo.exact_teacher({"heldout": heldout}, tok, 5)
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
+                            vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        got = demo.exact_metrics(model, ex, "cpu")
+        kl, agree, n = 0.0, 0, 0
+        for e in data.read_jsonl(heldout):
+            enc = data.encode_example(tok, e, 256)
+            logq = torch.log_softmax(model(torch.tensor([enc["input_ids"]]))[0].double(), -1)
+            start = enc["labels"].index(tok.encode(e.response)[0])  # first response position
+            for j, dist in enumerate(data.teacher_next_token_dists(tok, e.prompt, e.response)):
+                q = logq[start + j - 1]
+                kl += sum(p * (math.log(p) - q[v].item()) for v, p in dist.items())
+                agree += dist.get(int(q.argmax()), 0.0) == max(dist.values())
+                n += 1
+    assert n == len(ex["rows"])
+    assert got["kl"] == pytest.approx(kl / n, rel=1e-9)
+    assert got["teacher_top1"] == pytest.approx(agree / n, abs=1e-12)

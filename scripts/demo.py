@@ -103,8 +103,10 @@ def parse_args(argv=None):
                    help="instead of the main table: the paper's regime (8x capacity gap, harder problems), "
                         "black-box KD vs Proxy-KD over teacher-data budgets")
     p.add_argument("--sweep_budgets", default="333,1000,3000", help="--sweep: teacher examples |D| per point (D_s = 45%%)")
+    p.add_argument("--sweep_pretrain_steps", type=int, default=800, help="--sweep / --dpo_sweep: optimizer steps of each base")
     p.add_argument("--dpo_sweep", action="store_true",
-                   help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) of the main world's proxy")
+                   help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) of the proxy, in "
+                        "--sweep's world at its middle budget")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training run (>1: torchrun, gloo)")
     return p.parse_args(argv)
 
@@ -184,6 +186,8 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
     def one(job: Job) -> tuple[Job, int, float]:
+        if job.done:  # finished meanwhile (by another demo command sharing this run)
+            return job, 0, 0.0
         if os.path.isdir(job.out):  # an unfinished run: start it over (its checkpoints may be mid-stage)
             shutil.rmtree(job.out)
         os.makedirs(job.out)
@@ -417,31 +421,37 @@ def run_main(a, out: str, device, t0: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# --sweep: the paper's regime. A proxy about 10x the student (0.45M against 0.05M parameters, as 70B
-# against 7B), problems hard enough that the small base errs (3-4 steps, numbers up to about 125), and
-# the teacher-data budget varied: |D| examples, of which the student's D_s is 45% (train_*.py's split).
+# --sweep: the paper's regime. A proxy 8.5x the student (0.45M against 0.05M parameters; the paper: 70B
+# against 7B), longer chains than the main world's (3-4 steps, same numbers), where the small base errs,
+# and the teacher-data budget varied: |D| examples, of which the student's D_s is 45% (train_*.py's split).
 
-SWEEP_RANGES = dict(steps=(3, 4), start=(10, 50), k=(1, 19))
-TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=88, max_seq_len=256)
+SWEEP_RANGES = dict(steps=(3, 4), start=(2, 20), k=(1, 9))
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=256)
 
 
-def run_sweep(a, out: str, device, t0: float) -> None:
+def sweep_world(a, d: str) -> tuple:
+    """--sweep's world, teacher sets (each smaller D is the first n examples of the largest) and bases."""
     budgets = sorted(int(b) for b in a.sweep_budgets.split(","))
     a.n_teacher = max(budgets)
-    d = f"{out}/sweep"
     print(f"sweep 1. world: {SWEEP_RANGES}, |D| in {budgets}", flush=True)
     w = make_world(a, f"{d}/data", SWEEP_RANGES)
     tok = data.Tokenizer(w["tok"])
     teachers = {}
-    for n in budgets:  # each smaller D is the first n examples of the largest
+    for n in budgets:
         teachers[n] = f"{d}/data/teacher_{n}.jsonl"
         if not os.path.exists(teachers[n]):
             with open(w["teacher"]) as f:
                 data.atomic_write(teachers[n], "".join(f.readlines()[:n]))
     print("sweep 2. bases: proxy (dim 128) and student (dim 32)", flush=True)
     bases = {"proxy": f"{d}/bases/proxy", "student": f"{d}/bases/student"}
-    pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.pretrain_steps, seed=0)
-    pretrain(bases["student"], TINY, w["pretrain"], tok, a.pretrain_steps, seed=1)
+    pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.sweep_pretrain_steps, seed=0)
+    pretrain(bases["student"], TINY, w["pretrain"], tok, a.sweep_pretrain_steps, seed=1)
+    return budgets, w, tok, teachers, bases
+
+
+def run_sweep(a, out: str, device, t0: float) -> None:
+    d = f"{out}/sweep"
+    budgets, w, tok, teachers, bases = sweep_world(a, d)
     print(f"sweep 3. one proxy per budget  [{time.time() - t0:.0f} s]", flush=True)
     run_jobs([Job(f"proxy_n{n}", "train_proxy.py", proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
                                                                 a.nll_reduction), f"{d}/n{n}/proxy") for n in budgets],
@@ -495,47 +505,40 @@ def run_sweep(a, out: str, device, t0: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# --dpo_sweep: the balance of Eq. 6 on the main world. name -> (Eq. 3 reduction, beta, lr, --no_dpo); the
-# first two are the main table's proxies (run by the main pipeline, reused here).
+# --dpo_sweep: the balance of Eq. 6, in --sweep's world at its middle budget. name -> (Eq. 3 reduction,
+# beta, lr, --no_dpo); the second is --sweep's own proxy at that budget (the defaults), reused.
 
 DPO_CONFIGS = {
-    "nll only, lr 2e-3 (main -PO)": ("sequence", 0.1, 2e-3, True),
-    "sequence, beta 0.1, lr 2e-3 (main)": ("sequence", 0.1, 2e-3, False),
-    "sequence, beta 1, lr 2e-3": ("sequence", 1.0, 2e-3, False),
-    "token, beta 0.1, lr 2e-3": ("token", 0.1, 2e-3, False),
-    "nll only, lr 5e-4": ("sequence", 0.1, 5e-4, True),
-    "sequence, beta 0.1, lr 5e-4": ("sequence", 0.1, 5e-4, False),
-    "token, beta 0.1, lr 5e-4": ("token", 0.1, 5e-4, False),
-    "token, beta 0.02, lr 5e-4": ("token", 0.02, 5e-4, False),
+    "NLL only (-PO), lr 2e-3": ("sequence", 0.1, 2e-3, True),
+    "sequence NLL + DPO, beta 0.1, lr 2e-3 (default)": ("sequence", 0.1, 2e-3, False),
+    "sequence NLL + DPO, beta 1, lr 2e-3": ("sequence", 1.0, 2e-3, False),
+    "token NLL + DPO, beta 0.1, lr 2e-3": ("token", 0.1, 2e-3, False),
+    "NLL only (-PO), lr 5e-4": ("sequence", 0.1, 5e-4, True),
+    "token NLL + DPO, beta 0.1, lr 5e-4": ("token", 0.1, 5e-4, False),
 }
 DPO_SEEDS = 2
 
 
 def run_dpo_sweep(a, out: str, device, t0: float) -> None:
-    w, tok, bases = prepare_main(a, out)
-    d = f"{out}/dpo"
-    dirs = {}
-    proxies = []
+    budgets, w, tok, teachers, bases = sweep_world(a, f"{out}/sweep")
+    n = budgets[len(budgets) // 2]
+    d = f"{out}/sweep/dpo_n{n}"
+    dirs, jobs = {}, []
     for i, (name, (red, beta, lr, no_dpo)) in enumerate(DPO_CONFIGS.items()):
-        if i < 2:
-            dirs[name] = f"{out}/proxy_no_po" if no_dpo else f"{out}/proxy"
-            proxies.append(proxy_jobs(a, w, bases, out)[1 - i])
-            continue
-        dirs[name] = f"{d}/c{i}"
-        proxies.append(Job(f"dpo_c{i}", "train_proxy.py", proxy_args(a, w, bases["proxy"], w["teacher"], lr, beta, red)
-                           + ["--no_dpo"] * no_dpo, dirs[name]))
-    print(f"dpo sweep 3. {len(proxies)} proxies  [{time.time() - t0:.0f} s]", flush=True)
-    run_jobs(proxies, a, "dpo proxies")
-    # the main proxies' students are the main table's Proxy-KD and -PO runs (same flags, same seeds)
-    students = {name: [f"{out}/students/{'no_po' if i == 0 else 'proxykd'}_seed{s}" if i < 2 else f"{p}/students/seed{s}"
-                       for s in range(DPO_SEEDS)] for i, (name, p) in enumerate(dirs.items())}
-    jobs = [student_job(a, w, bases["student"], w["teacher"], f"{dirs[name]}/final", f"{dirs[name]}/cache", s, [],
-                        os.path.basename(sd), sd) for name in list(DPO_CONFIGS)[2:] for s, sd in enumerate(students[name])]
-    main_jobs = {j.out: j for j in student_jobs(a, w, bases, out)}
-    jobs += [main_jobs[sd] for name in list(DPO_CONFIGS)[:2] for sd in students[name]]
+        args = proxy_args(a, w, bases["proxy"], teachers[n], lr, beta, red) + ["--no_dpo"] * no_dpo
+        dirs[name] = f"{out}/sweep/n{n}/proxy" if args == proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
+                                                                      a.nll_reduction) else f"{d}/c{i}"
+        jobs.append(Job(f"dpo_c{i}", "train_proxy.py", args, dirs[name]))
+    print(f"dpo sweep 3. {len(jobs)} proxies on |D| = {n}  [{time.time() - t0:.0f} s]", flush=True)
+    run_jobs(sorted(jobs, key=lambda j: not j.out.startswith(d)), a, "dpo proxies")  # --sweep's own proxy last
+    students = {name: [f"{d}/students_c{i}_seed{s}" for s in range(DPO_SEEDS)] for i, name in enumerate(DPO_CONFIGS)}
+    jobs = [student_job(a, w, bases["student"], teachers[n], f"{dirs[name]}/final", f"{d}/cache_c{i}", s, [],
+                        os.path.basename(sd), sd) for i, name in enumerate(DPO_CONFIGS) for s, sd in enumerate(students[name])]
     print(f"dpo sweep 4. Proxy-KD students, {DPO_SEEDS} seeds per proxy  [{time.time() - t0:.0f} s]", flush=True)
     run_students(jobs, a, "dpo students")
-    models = {}
+    warmups = {"proxy after warm-up only, lr 2e-3": f"{dirs[list(DPO_CONFIGS)[0]]}/warmup/final",
+               "proxy after warm-up only, lr 5e-4": f"{dirs[list(DPO_CONFIGS)[4]]}/warmup/final"}
+    models = {"proxy base": [bases["proxy"]], **{k: [v] for k, v in warmups.items()}}
     for name, p in dirs.items():
         models[f"proxy: {name}"] = [f"{p}/final"]
         models[f"student: {name}"] = [f"{sd}/final" for sd in students[name]]
@@ -543,13 +546,15 @@ def run_dpo_sweep(a, out: str, device, t0: float) -> None:
     lines = ["| Eq. 6 setting | proxy EM % | proxy exact KL | proxy top-1 = teacher's argmax % | proxy held-out NLL | "
              f"Proxy-KD student EM % ({DPO_SEEDS} seeds) | student exact KL |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name in DPO_CONFIGS:
-        p, s = rows[f"proxy: {name}"], rows[f"student: {name}"]
+    for name in ["proxy base", *warmups, *DPO_CONFIGS]:
+        p, s = rows.get(f"proxy: {name}", rows.get(name)), rows.get(f"student: {name}", [])
         lines.append(f"| {name} | {fmt(*mean_std(p, 'exact_match'))} | {fmt(*mean_std(p, 'kl'), pct=False)} | "
                      f"{fmt(*mean_std(p, 'teacher_top1'))} | {fmt(*mean_std(p, 'nll'), pct=False)} | "
                      f"{fmt(*mean_std(s, 'exact_match'))} | {fmt(*mean_std(s, 'kl'), pct=False)} |")
+    lines += ["", f"|D| = {n} (D_w {len(data.split_indices(n, 0)['warmup'])}, D_p {len(data.split_indices(n, 0)['proxy'])}); "
+              f"held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Student: mean ± std over {DPO_SEEDS} seeds."]
     minutes = (time.time() - t0) / 60
-    header = f"Proxy-KD demo --dpo_sweep (main world, k = {a.rounds}, {a.threads} CPU threads, {minutes:.1f} min)\n"
+    header = f"Proxy-KD demo --dpo_sweep ({SWEEP_RANGES}, |D| = {n}, k = {a.rounds}, {a.threads} CPU threads, {minutes:.1f} min)\n"
     write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
 
 
