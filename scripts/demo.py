@@ -18,8 +18,17 @@ Llama (model.py); the pipeline and the two training scripts are the real ones.
   4. students  train_student.py on D_s, several seeds each: --alpha 0 (black-box KD: SFT on the
                teacher's text), Proxy-KD, and the ablations -PO, -align, -weights (--no_weights).
   5. eval      on held-out prompts: exact match of the final answer with greedy decoding (the reply must
-               end in one of the teacher's answer forms with the right number), and teacher-forced top-1
-               agreement with the teacher's tokens (the paper's Fig. 5) and per-token NLL.
+               end in one of the teacher's answer forms with the right number), teacher-forced top-1
+               agreement with the teacher's tokens and per-token NLL, and, because the teacher is a known
+               grammar, the exact per-token KL(teacher || model) and agreement with the teacher's own
+               argmax (the paper's Table 4 and Fig. 5) on the first --n_exact prompts
+               (data.teacher_next_token_dists: every reply enumerated).
+
+Two studies sit behind flags (README, "Demo results"), each instead of the main table:
+  --sweep      the paper's regime: a proxy 8.5x the student, 3-4 step problems the small base gets wrong,
+               |D| in --sweep_budgets (one proxy each), black-box KD and Proxy-KD students x --seeds.
+  --dpo_sweep  the balance of Eq. 6 (NLL reduction, beta, lr) in --sweep's world at its middle budget:
+               the proxy's exact KL and exact match, and its Proxy-KD students.
 
 Outputs in --out (default demo_out/): results.md and results.json (the table, per-seed values), the
 data, tokenizer, bases and every run's directory (metrics.jsonl, adapter/, final/). A rerun skips every
@@ -29,7 +38,8 @@ The demo departs from the paper's hyperparameters where toy scale needs it (all 
 instead of 1e-5 (tiny LoRA models, a few hundred steps), k = 4 rounds instead of 16, alpha 1 instead of
 100 (measured here: the larger alpha, the further the student's held-out NLL moves from the teacher's
 text; the table has an alpha = 100 row), beta 0.1 as in the DPO default, fp32 bases instead of bf16
-(CPU bf16 matmuls are slower, not faster).
+(CPU bf16 matmuls are slower, not faster). Kernels are pinned to AVX2 and the thread count to --threads so
+that other x86 CPUs compute the same numbers (see below the imports).
 """
 
 import argparse
