@@ -130,7 +130,7 @@ def make_world(a, d: str, ranges: dict | None = None) -> dict:
     data.make_demo_prompts's problem sizes (None: the main world's)."""
     ranges = ranges or {}
     paths = dict(teacher=f"{d}/teacher.jsonl", heldout=f"{d}/heldout.jsonl", pretrain=f"{d}/pretrain.jsonl",
-                 tok=f"{d}/tok.model", ranges=ranges)
+                 tok=f"{d}/tok.model")
     if not os.path.exists(paths["teacher"]):
         data.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, **ranges)
     if not os.path.exists(paths["heldout"]):
@@ -395,7 +395,8 @@ def write_results(out: str, name: str, header: str, table: str, payload: dict) -
     print("\n" + header + "\n" + table + f"\n\nwritten: {out}/{name}.md, {out}/{name}.json", flush=True)
 
 
-def prepare_main(a, out: str, tok_only: bool = False):
+def prepare_main(a, out: str) -> tuple:
+    """Steps 1-2 of the main pipeline (each skipped when done) -> (world paths, tokenizer, base dirs)."""
     print("1. world: teacher data, held-out set, pretraining corpus, tokenizer", flush=True)
     w = make_world(a, f"{out}/data")
     tok = data.Tokenizer(w["tok"])
