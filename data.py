@@ -38,6 +38,7 @@ Demo world (the embedded default for the CPU demo and the tests)
 import collections
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -317,24 +318,26 @@ _STEP_RE = re.compile(r"(?:Then )?(?:[Ss]he|[Hh]e) (" + "|".join(_VERBS) + r") (
 _ANSWER_RE = re.compile(r"(?:The answer is|Answer:|####|In the end, [A-Z][a-z]+ has) (-?\d+)")
 
 
-def make_demo_prompts(n: int, seed: int) -> list[str]:
-    """n word problems: a named person has 2..20 items, then 2-3 steps of gaining or losing 1..9 (never
-    below zero). Deterministic in (n, seed); answers stay <= 47, so numbers are 1-2 digit tokens."""
+def make_demo_prompts(n: int, seed: int, steps: tuple[int, int] = (2, 3), start: tuple[int, int] = (2, 20),
+                      k: tuple[int, int] = (1, 9)) -> list[str]:
+    """n word problems: a named person has start[0]..start[1] items, then steps[0]..steps[1] steps of gaining
+    or losing k[0]..k[1] (never below zero). Deterministic in (n, seed, ranges). The defaults (answers <= 47)
+    are the demo's main world; scripts/demo.py --sweep asks for longer chains of larger numbers."""
     rng = np.random.default_rng([seed, 0xDE40])
     names = list(_NAMES)
     out = []
     for _ in range(n):
         name = names[rng.integers(len(names))]
         pron, item = _NAMES[name], _ITEMS[rng.integers(len(_ITEMS))]
-        count = int(rng.integers(2, 21))
+        count = int(rng.integers(start[0], start[1] + 1))
         text = [f"{name} has {count} {item}."]
-        for s in range(int(rng.integers(2, 4))):
-            k = int(rng.integers(1, 10))
-            if count >= k and rng.random() < 0.5:
-                verb, more, count = _LOSE[rng.integers(len(_LOSE))], "", count - k
+        for s in range(int(rng.integers(steps[0], steps[1] + 1))):
+            kk = int(rng.integers(k[0], k[1] + 1))
+            if count >= kk and rng.random() < 0.5:
+                verb, more, count = _LOSE[rng.integers(len(_LOSE))], "", count - kk
             else:
-                verb, more, count = _GAIN[rng.integers(len(_GAIN))], " more", count + k
-            text.append(f"{pron.capitalize() if s == 0 else 'Then ' + pron} {verb} {k}{more}.")
+                verb, more, count = _GAIN[rng.integers(len(_GAIN))], " more", count + kk
+            text.append(f"{pron.capitalize() if s == 0 else 'Then ' + pron} {verb} {kk}{more}.")
         text.append(f"How many {item} does {name} have?")
         out.append(" ".join(text))
     return out
@@ -357,32 +360,91 @@ def reference_answer(prompt: str) -> str:
     return str(count + sum(_VERBS[v][1] * k for v, k in steps))
 
 
+def _teacher_choices(prompt: str) -> list[list[str]]:
+    """The teacher's phrasing options, in the order it draws them: [start sentences], then per step
+    [its 3 sentences], then [answer forms]. Shared by demo_teacher (samples) and demo_teacher_replies
+    (enumerates), so the two cannot drift apart."""
+    name, item, count, steps = _parse_prompt(prompt)
+    pron = _NAMES[name]
+    P = pron.capitalize()
+    out = [[f"{name} starts with {count} {item}.", f"At first, {name} has {count} {item}.", f"{name} begins with {count}."]]
+    for verb, k in steps:
+        gerund, sign = _VERBS[verb]
+        op, new = ("+", count + k) if sign > 0 else ("-", count - k)
+        more = " more" if sign > 0 else ""
+        out.append([f"{P} {verb} {k}, so {pron} has {count} {op} {k} = {new}.",
+                    f"After {gerund} {k}{more}: {count} {op} {k} = {new}.",
+                    f"{count} {op} {k} = {new}, as {pron} {verb} {k}."])
+        count = new
+    out.append([f"The answer is {count}.", f"Answer: {count}", f"#### {count}", f"In the end, {name} has {count}."])
+    return out
+
+
+def _then(sentence: str) -> str:
+    return "Then " + sentence[0].lower() + sentence[1:] if sentence[0].isalpha() else "Then " + sentence
+
+
 def demo_teacher(prompt: str, rng=None) -> str:
     """The black-box teacher: a demo prompt -> a worked reply (text only).
 
     rng: np.random.Generator, an int seed, or None (fresh entropy, as an API would answer). The phrasing
-    is sampled: 3 start sentences, 3 sentences per step (after the first, each optionally led by "Then"), 4 answer forms;
-    the arithmetic and the final number are always right.
+    is sampled: 3 start sentences, 3 sentences per step (after the first, each led by "Then" with
+    probability 1/2), 4 answer forms, each choice uniform; the arithmetic and the final number are always
+    right. demo_teacher_replies lists every reply with its exact probability.
     """
     rng = np.random.default_rng(rng)
-    name, item, count, steps = _parse_prompt(prompt)
-    pron = _NAMES[name]
-    P = pron.capitalize()
+    choices = _teacher_choices(prompt)
     pick = lambda options: options[rng.integers(len(options))]
-    out = [pick([f"{name} starts with {count} {item}.", f"At first, {name} has {count} {item}.", f"{name} begins with {count}."])]
-    for s, (verb, k) in enumerate(steps):
-        gerund, sign = _VERBS[verb]
-        op, new = ("+", count + k) if sign > 0 else ("-", count - k)
-        more = " more" if sign > 0 else ""
-        sentence = pick([f"{P} {verb} {k}, so {pron} has {count} {op} {k} = {new}.",
-                         f"After {gerund} {k}{more}: {count} {op} {k} = {new}.",
-                         f"{count} {op} {k} = {new}, as {pron} {verb} {k}."])
-        if s > 0 and rng.random() < 0.5:
-            sentence = "Then " + sentence[0].lower() + sentence[1:] if sentence[0].isalpha() else "Then " + sentence
-        out.append(sentence)
-        count = new
-    out.append(pick([f"The answer is {count}.", f"Answer: {count}", f"#### {count}", f"In the end, {name} has {count}."]))
+    out = [pick(choices[0])]
+    for s, options in enumerate(choices[1:-1]):
+        sentence = pick(options)
+        out.append(_then(sentence) if s > 0 and rng.random() < 0.5 else sentence)
+    out.append(pick(choices[-1]))
     return " ".join(out)
+
+
+def demo_teacher_replies(prompt: str) -> dict[str, float]:
+    """Every reply demo_teacher can give to prompt -> its exact probability (the values sum to 1): the
+    product of the uniform choices that build it, summed over choice paths giving the same text.
+    3 * 6^(steps - 1) * 3 * 4 replies: 216 for 2 steps, 1,296 for 3, 7,776 for 4."""
+    choices = _teacher_choices(prompt)
+    segments = [[(o, 1 / len(choices[0])) for o in choices[0]]]
+    for s, options in enumerate(choices[1:-1]):
+        p = 1 / len(options)
+        segments.append([(o, p) for o in options] if s == 0 else
+                        [(o, p / 2) for o in options] + [(_then(o), p / 2) for o in options])
+    segments.append([(o, 1 / len(choices[-1])) for o in choices[-1]])
+    out: dict[str, float] = {}
+    for combo in itertools.product(*segments):
+        text = " ".join(t for t, _ in combo)
+        out[text] = out.get(text, 0.0) + math.prod(p for _, p in combo)
+    return out
+
+
+def teacher_next_token_dists(tok: Tokenizer, prompt: str, response: str) -> list[dict[int, float]]:
+    """The demo teacher's exact next-token distributions along one of its replies, tokenised as the
+    models see it (tok.encode(response, eos=True), encode_example's response part): entry t maps each
+    token v to P(token t = v | the reply's tokens before t).
+
+    Exact: enumerate every reply with its probability (demo_teacher_replies), tokenise each, and at each
+    position sum the probabilities of the replies that share the prefix, grouped by their next token.
+    ValueError if response is not a reply the teacher can give."""
+    replies = demo_teacher_replies(prompt)
+    seqs = [tok.encode(r, eos=True) for r in replies]
+    probs = list(replies.values())
+    target = tok.encode(response, eos=True)
+    alive = range(len(seqs))
+    dists = []
+    for t, y in enumerate(target):
+        dist: dict[int, float] = collections.defaultdict(float)
+        for i in alive:  # every alive sequence shares target[:t] and so is longer than t (eos comes last)
+            dist[seqs[i][t]] += probs[i]
+        alive = [i for i in alive if seqs[i][t] == y]
+        if not alive:
+            raise ValueError(f"not a reply the demo teacher gives to {prompt!r}: {response!r}")
+        z = sum(dist.values())
+        dists.append({v: p / z for v, p in dist.items()})
+    return dists
 
 
 def demo_base_reply(prompt: str) -> str:
@@ -432,10 +494,11 @@ def atomic_write(path: str, content: bytes | str) -> None:
         raise
 
 
-def write_demo_jsonl(path: str, n: int, seed: int) -> str:
-    """n teacher examples {"prompt", "response"} (deterministic in (n, seed)) -> path, written atomically."""
+def write_demo_jsonl(path: str, n: int, seed: int, **ranges) -> str:
+    """n teacher examples {"prompt", "response"} (deterministic in (n, seed, ranges); ranges go to
+    make_demo_prompts) -> path, written atomically."""
     rng = np.random.default_rng([seed, 0x7EAC])
-    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng)}) + "\n" for p in make_demo_prompts(n, seed)]
+    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng)}) + "\n" for p in make_demo_prompts(n, seed, **ranges)]
     atomic_write(path, "".join(lines).encode("utf-8"))
     return path
 

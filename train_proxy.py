@@ -15,7 +15,7 @@ sampling at temperature 1. FSDP2 shards each block and the root.
 Eq. 3 is a sum over each reply's tokens averaged over replies, as printed (--nll_reduction sequence), so
 the DPO term of Eq. 6 weighs about 1 / (mean reply length) of what it would against a per-token NLL.
 --nll_reduction token (the usual SFT mean) gave DPO the upper hand in the CPU demo and cost the proxy
-24 points of exact match (README, "Demo results"); with the printed form DPO was harmless there.
+19 to 63 points of exact match (README, "Demo results", --dpo_sweep); with the printed form DPO was harmless there.
 
 Runbook
 -------

@@ -18,8 +18,17 @@ Llama (model.py); the pipeline and the two training scripts are the real ones.
   4. students  train_student.py on D_s, several seeds each: --alpha 0 (black-box KD: SFT on the
                teacher's text), Proxy-KD, and the ablations -PO, -align, -weights (--no_weights).
   5. eval      on held-out prompts: exact match of the final answer with greedy decoding (the reply must
-               end in one of the teacher's answer forms with the right number), and teacher-forced top-1
-               agreement with the teacher's tokens (the paper's Fig. 5) and per-token NLL.
+               end in one of the teacher's answer forms with the right number), teacher-forced top-1
+               agreement with the teacher's tokens and per-token NLL, and, because the teacher is a known
+               grammar, the exact per-token KL(teacher || model) and agreement with the teacher's own
+               argmax (the paper's Table 4 and Fig. 5) on the first --n_exact prompts
+               (data.teacher_next_token_dists: every reply enumerated).
+
+Two studies sit behind flags (README, "Demo results"), each instead of the main table:
+  --sweep      the paper's regime: a proxy 8.5x the student, 3-4 step problems the small base gets wrong,
+               |D| in --sweep_budgets (one proxy each), black-box KD and Proxy-KD students x --seeds.
+  --dpo_sweep  the balance of Eq. 6 (NLL reduction, beta, lr) in --sweep's world at its middle budget:
+               the proxy's exact KL and exact match, and its Proxy-KD students.
 
 Outputs in --out (default demo_out/): results.md and results.json (the table, per-seed values), the
 data, tokenizer, bases and every run's directory (metrics.jsonl, adapter/, final/). A rerun skips every
@@ -29,7 +38,8 @@ The demo departs from the paper's hyperparameters where toy scale needs it (all 
 instead of 1e-5 (tiny LoRA models, a few hundred steps), k = 4 rounds instead of 16, alpha 1 instead of
 100 (measured here: the larger alpha, the further the student's held-out NLL moves from the teacher's
 text; the table has an alpha = 100 row), beta 0.1 as in the DPO default, fp32 bases instead of bf16
-(CPU bf16 matmuls are slower, not faster).
+(CPU bf16 matmuls are slower, not faster). Kernels are pinned to AVX2 and the thread count to --threads so
+that other x86 CPUs compute the same numbers (see below the imports).
 """
 
 import argparse
@@ -46,6 +56,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The same numbers on any x86-64 CPU with AVX2 (read before torch loads; the training runs inherit them;
+# a value the user set wins). torch picks its vectorised CPU kernels (reductions, softmax, norms, Adam) by
+# the CPU's widest ISA, and MKL its GEMM code path by ISA and vendor; each choice rounds differently and
+# training amplifies the difference (measured in the README, "Demo results": AVX-512 and AVX2 kernels
+# gave different weights after 30 steps on the same machine). Pinning both to AVX2 removes that source.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -87,7 +105,18 @@ def parse_args(argv=None):
     p.add_argument("--nll_reduction", default="sequence", help="train_proxy.py --nll_reduction (sequence or token)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3, help="student runs per variant (seeds 0..n-1)")
-    p.add_argument("--jobs", type=int, default=2, help="training runs at once (each gets cores / jobs threads)")
+    p.add_argument("--jobs", type=int, default=2, help="training runs at once (each gets threads / jobs threads)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads in all, fixed rather than the machine's core count so results do not depend on it")
+    p.add_argument("--n_exact", type=int, default=100, help="held-out prompts scored by the exact teacher KL")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the main table: the paper's regime (8x capacity gap, harder problems), "
+                        "black-box KD vs Proxy-KD over teacher-data budgets")
+    p.add_argument("--sweep_budgets", default="333,1000,3000", help="--sweep: teacher examples |D| per point (D_s = 45%%)")
+    p.add_argument("--sweep_pretrain_steps", type=int, default=800, help="--sweep / --dpo_sweep: optimizer steps of each base")
+    p.add_argument("--dpo_sweep", action="store_true",
+                   help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) of the proxy, in "
+                        "--sweep's world at its middle budget")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training run (>1: torchrun, gloo)")
     return p.parse_args(argv)
 
@@ -96,20 +125,22 @@ def parse_args(argv=None):
 # 1-2. the world and the pretrained bases
 
 
-def make_world(a, d: str) -> dict:
-    """Teacher data, held-out set, pretraining corpus, tokenizer -> paths (each written once)."""
+def make_world(a, d: str, ranges: dict | None = None) -> dict:
+    """Teacher data, held-out set, pretraining corpus, tokenizer -> paths (each written once). ranges:
+    data.make_demo_prompts's problem sizes (None: the main world's)."""
+    ranges = ranges or {}
     paths = dict(teacher=f"{d}/teacher.jsonl", heldout=f"{d}/heldout.jsonl", pretrain=f"{d}/pretrain.jsonl",
                  tok=f"{d}/tok.model")
     if not os.path.exists(paths["teacher"]):
-        data.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0)
+        data.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, **ranges)
     if not os.path.exists(paths["heldout"]):
-        data.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1)
+        data.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1, **ranges)
     if not os.path.exists(paths["pretrain"]):
         # mostly the terse base style; a minority in the teacher's own style, so the bases know its words
         # (as a pretrained Llama knows GPT-4's) without preferring its way of answering
         rng = np.random.default_rng([2, 0xBA5E])
         lines = [json.dumps({"prompt": p, "response": data.demo_teacher(p, rng) if rng.random() < a.teacher_share
-                             else data.demo_base_reply(p)}) + "\n" for p in data.make_demo_prompts(a.n_pretrain, seed=2)]
+                             else data.demo_base_reply(p)}) + "\n" for p in data.make_demo_prompts(a.n_pretrain, seed=2, **ranges)]
         data.atomic_write(paths["pretrain"], "".join(lines))
     if not os.path.exists(paths["tok"]):
         data.train_demo_tokenizer([paths["teacher"], paths["pretrain"]], paths["tok"][: -len(".model")])
@@ -161,10 +192,12 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
     """Run the unfinished jobs, a.jobs at a time; each writes its output to <out>/log.txt. A failed job
     stops the demo with the tail of its log."""
     todo = [j for j in jobs if not j.done]
-    threads = max(1, (os.cpu_count() or 1) // max(1, a.jobs))
+    threads = max(1, a.threads // max(1, a.jobs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
     def one(job: Job) -> tuple[Job, int, float]:
+        if job.done:  # finished meanwhile (by another demo command sharing this run)
+            return job, 0, 0.0
         if os.path.isdir(job.out):  # an unfinished run: start it over (its checkpoints may be mid-stage)
             shutil.rmtree(job.out)
         os.makedirs(job.out)
@@ -188,39 +221,92 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
                 sys.exit(f"{job.name} failed (exit {rc}); log {job.out}/log.txt:\n{tail}")
 
 
-def proxy_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
-    args = ["--base", bases["proxy"], "--tokenizer", w["tok"], "--data", w["teacher"], "--eval_data", w["heldout"],
-            "--rounds", str(a.rounds), "--lr", str(a.proxy_lr), "--beta", str(a.beta), "--nll_reduction", a.nll_reduction,
-            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", "96", "--base_dtype", "float32",
+def proxy_args(a, w: dict, base: str, teacher: str, lr: float, beta: float, nll_reduction: str) -> list[str]:
+    return ["--base", base, "--tokenizer", w["tok"], "--data", teacher, "--eval_data", w["heldout"],
+            "--rounds", str(a.rounds), "--lr", str(lr), "--beta", str(beta), "--nll_reduction", nll_reduction,
+            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", "160", "--base_dtype", "float32",
             "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]
+
+
+def proxy_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
+    args = proxy_args(a, w, bases["proxy"], w["teacher"], a.proxy_lr, a.beta, a.nll_reduction)
     return [Job("proxy", "train_proxy.py", args, f"{out}/proxy"),
             Job("proxy_no_po", "train_proxy.py", args + ["--no_dpo"], f"{out}/proxy_no_po")]
 
 
+def student_job(a, w: dict, base: str, teacher: str, proxy: str | None, cache: str | None, seed: int, extra: list[str],
+                name: str, out: str) -> Job:
+    args = ["--base", base, "--tokenizer", w["tok"], "--data", teacher, "--eval_data", w["heldout"],
+            "--lr", str(a.student_lr), "--alpha", str(a.alpha), "--batch_size", str(a.batch_size),
+            "--max_len", "256", "--base_dtype", "float32", "--eval_batch_size", "64", "--save_every", "0",
+            "--log_every", "10", "--seed", str(seed)]
+    if proxy:  # one cache per proxy, shared by seeds and variants (it does not depend on either)
+        args += ["--proxy", proxy, "--cache_dir", cache, "--proxy_dtype", "float32"]
+    return Job(name, "train_student.py", args + extra, out)
+
+
 def student_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
     proxies = {"proxy": f"{out}/proxy/final", "proxy_no_po": f"{out}/proxy_no_po/final", "proxy_base": bases["proxy"]}
-    jobs = []
-    for seed in range(a.seeds):
-        for variant, (_, proxy, extra) in STUDENTS.items():
-            args = ["--base", bases["student"], "--tokenizer", w["tok"], "--data", w["teacher"], "--eval_data", w["heldout"],
-                    "--lr", str(a.student_lr), "--alpha", str(a.alpha), "--batch_size", str(a.batch_size),
-                    "--max_len", "256", "--base_dtype", "float32", "--eval_batch_size", "64", "--save_every", "0",
-                    "--log_every", "10", "--seed", str(seed)]
-            if proxy:  # one cache per proxy, shared by seeds and variants (it does not depend on either)
-                args += ["--proxy", proxies[proxy], "--cache_dir", f"{out}/cache_{proxy}", "--proxy_dtype", "float32"]
-            jobs.append(Job(f"{variant}_seed{seed}", "train_student.py", args + extra, f"{out}/students/{variant}_seed{seed}"))
-    return jobs
+    return [student_job(a, w, bases["student"], w["teacher"], proxy and proxies[proxy], proxy and f"{out}/cache_{proxy}",
+                        seed, extra, f"{variant}_seed{seed}", f"{out}/students/{variant}_seed{seed}")
+            for seed in range(a.seeds) for variant, (_, proxy, extra) in STUDENTS.items()]
+
+
+def run_students(jobs: list[Job], a, desc: str) -> None:
+    """One run per proxy cache first (they build the caches, which the others then share), then the rest."""
+    firsts = {}
+    for j in jobs:
+        cache = j.args[j.args.index("--cache_dir") + 1] if "--cache_dir" in j.args else None
+        firsts.setdefault(cache, j)
+    run_jobs([j for c, j in firsts.items() if c is not None], a, f"{desc} (building caches)")
+    run_jobs(jobs, a, desc)
 
 
 # ---------------------------------------------------------------------------------------------------
 # 5. evaluation
 
 
+def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
+    """The teacher's exact next-token distributions on the teacher's replies to the first n held-out
+    prompts (data.teacher_next_token_dists: every reply enumerated, tokenised, summed over shared
+    prefixes) -> dict(batch: collate dict, rows (N,) and cols (N,): where each response token's
+    prediction sits in the (B, T - 1) shifted grid, probs (N, V) fp64: the teacher's distribution there)."""
+    held_out = data.read_jsonl(w["heldout"])[:n]
+    encoded, rows, cols, dists = [], [], [], []
+    for b, e in enumerate(held_out):
+        enc = data.encode_example(tok, e, 256)
+        d = data.teacher_next_token_dists(tok, e.prompt, e.response)
+        pos = [t - 1 for t, y in enumerate(enc["labels"]) if y != data.IGNORE_INDEX]  # logits at t-1 predict t
+        assert len(pos) == len(d), "a truncated held-out reply"
+        encoded.append(enc)
+        rows += [b] * len(pos)
+        cols += pos
+        dists += d
+    probs = torch.zeros(len(dists), tok.vocab_size, dtype=torch.float64)
+    for i, d in enumerate(dists):
+        probs[i, list(d)] = torch.tensor(list(d.values()), dtype=torch.float64)
+    return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols), probs=probs)
+
+
+def exact_metrics(model, ex: dict, device) -> dict:
+    """kl: mean over response tokens of KL(teacher || model) of the next-token distributions, exact (the
+    paper's Table 4 quantity, which it could only estimate); teacher_top1: fraction of those positions
+    where the model's argmax is (one of) the teacher's most likely next token(s) (the paper's Fig. 5)."""
+    logits = model(ex["batch"]["input_ids"].to(device)).cpu()  # (B, T, V)
+    logq = torch.log_softmax(logits[ex["rows"], ex["cols"]].double(), -1)  # (N, V)
+    p = ex["probs"]
+    kl = (torch.xlogy(p, p) - torch.where(p > 0, p * logq, torch.zeros_like(p))).sum(-1)  # 0 log 0 = 0
+    best = p.max(-1, keepdim=True).values
+    agree = p.gather(-1, logq.argmax(-1, keepdim=True)) >= best * (1 - 1e-9)  # ties: any of the teacher's argmaxes
+    return dict(kl=float(kl.mean()), teacher_top1=float(agree.double().mean()))
+
+
 @torch.no_grad()
-def eval_model(path: str, w: dict, tok: data.Tokenizer, device) -> dict:
+def eval_model(path: str, w: dict, tok: data.Tokenizer, device, ex: dict) -> dict:
     """Held-out metrics of an HF-format model dir: exact_match (greedy reply's final answer in a
     teacher answer form == the true answer), top1_agreement and nll (teacher-forced on the teacher's
-    replies, train_proxy.evaluate)."""
+    replies, train_proxy.evaluate), kl and teacher_top1 against the teacher's exact distributions
+    (exact_metrics on exact_teacher's prompts)."""
     model = Llama.from_pretrained(path, dtype=torch.float32).to(device).eval()
     held_out = data.read_jsonl(w["heldout"])
     encoded = [data.encode_example(tok, e, 256) for e in held_out]
@@ -228,7 +314,7 @@ def eval_model(path: str, w: dict, tok: data.Tokenizer, device) -> dict:
     correct = anyform = 0
     for s in range(0, len(held_out), 250):
         chunk = held_out[s : s + 250]
-        replies = generate(model, [data.encode_prompt(tok, e.system, e.prompt) for e in chunk], 96, tok.eos_id,
+        replies = generate(model, [data.encode_prompt(tok, e.system, e.prompt) for e in chunk], 160, tok.eos_id,
                            tok.pad_id, greedy=True)
         for r, e in zip(replies, chunk):
             text, truth = tok.decode(r), data.reference_answer(e.prompt)
@@ -236,7 +322,7 @@ def eval_model(path: str, w: dict, tok: data.Tokenizer, device) -> dict:
             anyform += (data.extract_answer(text) or _base_answer(text)) == truth
     n_params = sum(p.numel() for p in model.parameters())
     return dict(exact_match=correct / len(held_out), any_form=anyform / len(held_out), top1_agreement=tf["top1_agreement"],
-                nll=tf["nll"], params=n_params)
+                nll=tf["nll"], params=n_params, **exact_metrics(model, ex, device))
 
 
 def _base_answer(text: str) -> str | None:
@@ -249,7 +335,8 @@ def teacher_row(w: dict) -> dict:
     """The black box itself: its held-out replies scored by the same exact-match check."""
     held_out = data.read_jsonl(w["heldout"])
     em = np.mean([data.extract_answer(e.response) == data.reference_answer(e.prompt) for e in held_out])
-    return dict(exact_match=float(em), any_form=float(em), top1_agreement=None, nll=None, params=None)
+    return dict(exact_match=float(em), any_form=float(em), top1_agreement=None, nll=None, params=None, kl=0.0,
+                teacher_top1=1.0)
 
 
 def fmt(x, spread=None, pct=True) -> str:
@@ -261,25 +348,225 @@ def fmt(x, spread=None, pct=True) -> str:
     return s
 
 
-def summarise(rows: dict, seeds: int, n_eval: int) -> tuple[str, dict]:
+def summarise(rows: dict, seeds: int, n_eval: int, n_exact: int) -> tuple[str, dict]:
     """rows: label -> list of per-run metric dicts -> (markdown table, JSON-able dict)."""
-    lines = ["| model | params | exact match % | right answer, any form % | top-1 agreement % | held-out NLL | runs |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | params | exact match % | right answer, any form % | top-1 agreement % | held-out NLL "
+             "| exact KL(teacher ‖ model) / token | top-1 = teacher's argmax % | runs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     out = {}
     for label, runs in rows.items():
-        agg = {}
-        for k in ("exact_match", "any_form", "top1_agreement", "nll"):
-            vals = [r[k] for r in runs if r[k] is not None]
-            agg[k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else (None, None)
+        agg = {k: mean_std(runs, k) for k in ("exact_match", "any_form", "top1_agreement", "nll", "kl", "teacher_top1")}
         out[label] = dict(runs=runs, **{k: dict(mean=m, std=s) for k, (m, s) in agg.items()})
         params = runs[0]["params"]
         lines.append(f"| {label} | {params if params else '-'} | {fmt(*agg['exact_match'])} | {fmt(*agg['any_form'])} | "
-                     f"{fmt(*agg['top1_agreement'])} | {fmt(*agg['nll'], pct=False)} | {len(runs)} |")
+                     f"{fmt(*agg['top1_agreement'])} | {fmt(*agg['nll'], pct=False)} | {fmt(*agg['kl'], pct=False)} | "
+                     f"{fmt(*agg['teacher_top1'])} | {len(runs)} |")
     lines.append("")
-    lines.append(f"Held-out: {n_eval} prompts. Student rows: mean ± std over {seeds} seeds (LoRA init and batch "
+    lines.append(f"Held-out: {n_eval} prompts (exact KL and teacher's-argmax agreement: the first {n_exact}, every "
+                 f"reply of the teacher enumerated). Student rows: mean ± std over {seeds} seeds (LoRA init and batch "
                  f"order; same proxy and cache). One run's exact match on {n_eval} prompts has a binomial standard "
                  f"error of about {100 * math.sqrt(0.25 / n_eval):.1f} points at 50%.")
     return "\n".join(lines), out
+
+
+def mean_std(runs: list[dict], k: str) -> tuple:
+    vals = [r[k] for r in runs if r.get(k) is not None]
+    return (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else (None, None)
+
+
+def evaluate_all(models: dict, w: dict, tok: data.Tokenizer, device, a, evals_path: str) -> dict:
+    """label -> [model dirs] -> label -> [metric dicts]; each model evaluated once (cached in evals_path)."""
+    cached = json.load(open(evals_path)) if os.path.exists(evals_path) else {}
+    ex = None
+    rows = {}
+    for label, paths in tqdm(models.items(), desc="eval", dynamic_ncols=True):
+        for p in paths:
+            if p not in cached or "kl" not in cached[p]:
+                ex = ex or exact_teacher(w, tok, a.n_exact)
+                cached[p] = eval_model(p, w, tok, device, ex)
+                data.atomic_write(evals_path, json.dumps(cached, indent=1))
+        rows[label] = [cached[p] for p in paths]
+    return rows
+
+
+def write_results(out: str, name: str, header: str, table: str, payload: dict) -> None:
+    data.atomic_write(f"{out}/{name}.md", header + "\n" + table + "\n")
+    data.atomic_write(f"{out}/{name}.json", json.dumps(payload, indent=1).encode())
+    print("\n" + header + "\n" + table + f"\n\nwritten: {out}/{name}.md, {out}/{name}.json", flush=True)
+
+
+def prepare_main(a, out: str) -> tuple:
+    """Steps 1-2 of the main pipeline (each skipped when done) -> (world paths, tokenizer, base dirs)."""
+    print("1. world: teacher data, held-out set, pretraining corpus, tokenizer", flush=True)
+    w = make_world(a, f"{out}/data")
+    tok = data.Tokenizer(w["tok"])
+    print("2. bases: pretraining the proxy base (larger) and the student base (smaller)", flush=True)
+    bases = {"proxy": f"{out}/bases/proxy", "student": f"{out}/bases/student"}
+    pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.pretrain_steps, seed=0)
+    pretrain(bases["student"], STUDENT, w["pretrain"], tok, a.pretrain_steps, seed=1)
+    return w, tok, bases
+
+
+def run_main(a, out: str, device, t0: float) -> None:
+    w, tok, bases = prepare_main(a, out)
+    print(f"3. proxies: warm-up + {a.rounds} rounds of NLL + DPO, and NLL only (-PO)  [{time.time() - t0:.0f} s]", flush=True)
+    run_jobs(proxy_jobs(a, w, bases, out), a, "proxies")
+    print(f"4. students: {len(STUDENTS)} variants x {a.seeds} seeds  [{time.time() - t0:.0f} s]", flush=True)
+    run_students(student_jobs(a, w, bases, out), a, "students")
+
+    print(f"5. eval: greedy exact match and teacher-forced agreement on {a.n_eval} held-out prompts, exact teacher "
+          f"KL on {a.n_exact}  [{time.time() - t0:.0f} s]", flush=True)
+    models = {"proxy base (pretrained; the -align proxy)": [bases["proxy"]],
+              "proxy after warm-up on D_w only": [f"{out}/proxy/warmup/final"],
+              "proxy aligned by NLL only on D_p (-PO)": [f"{out}/proxy_no_po/final"],
+              "proxy aligned: warm-up + NLL + DPO rounds (Proxy-KD)": [f"{out}/proxy/final"],
+              "student base (pretrained)": [bases["student"]]}
+    for variant, (label, _, _) in STUDENTS.items():
+        models[label] = [f"{out}/students/{variant}_seed{s}/final" for s in range(a.seeds)]
+    rows = {"teacher (black box)": [teacher_row(w)], **evaluate_all(models, w, tok, device, a, f"{out}/evals.json")}
+    table, summary = summarise(rows, a.seeds, a.n_eval, a.n_exact)
+    minutes = (time.time() - t0) / 60
+    header = (f"Proxy-KD demo ({a.n_teacher} teacher examples, k = {a.rounds} rounds, alpha = {a.alpha}, "
+              f"{a.threads} CPU threads, {minutes:.1f} min)\n")
+    write_results(out, "results", header, table, {"args": vars(a), "minutes": minutes, "rows": summary})
+
+
+# ---------------------------------------------------------------------------------------------------
+# --sweep: the paper's regime. A proxy 8.5x the student (0.45M against 0.05M parameters; the paper: 70B
+# against 7B), longer chains than the main world's (3-4 steps, same numbers), where the small base errs,
+# and the teacher-data budget varied: |D| examples, of which the student's D_s is 45% (train_*.py's split).
+
+SWEEP_RANGES = dict(steps=(3, 4), start=(2, 20), k=(1, 9))
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=128, max_seq_len=256)
+
+
+def sweep_world(a, d: str) -> tuple:
+    """--sweep's world, teacher sets (each smaller D is the first n examples of the largest) and bases."""
+    budgets = sorted(int(b) for b in a.sweep_budgets.split(","))
+    a.n_teacher = max(budgets)
+    print(f"sweep 1. world: {SWEEP_RANGES}, |D| in {budgets}", flush=True)
+    w = make_world(a, f"{d}/data", SWEEP_RANGES)
+    tok = data.Tokenizer(w["tok"])
+    teachers = {}
+    for n in budgets:
+        teachers[n] = f"{d}/data/teacher_{n}.jsonl"
+        if not os.path.exists(teachers[n]):
+            with open(w["teacher"]) as f:
+                data.atomic_write(teachers[n], "".join(f.readlines()[:n]))
+    print("sweep 2. bases: proxy (dim 128) and student (dim 32)", flush=True)
+    bases = {"proxy": f"{d}/bases/proxy", "student": f"{d}/bases/student"}
+    pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.sweep_pretrain_steps, seed=0)
+    pretrain(bases["student"], TINY, w["pretrain"], tok, a.sweep_pretrain_steps, seed=1)
+    return budgets, w, tok, teachers, bases
+
+
+def run_sweep(a, out: str, device, t0: float) -> None:
+    d = f"{out}/sweep"
+    budgets, w, tok, teachers, bases = sweep_world(a, d)
+    print(f"sweep 3. one proxy per budget  [{time.time() - t0:.0f} s]", flush=True)
+    run_jobs([Job(f"proxy_n{n}", "train_proxy.py", proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
+                                                                a.nll_reduction), f"{d}/n{n}/proxy") for n in budgets],
+             a, "sweep proxies")
+    print(f"sweep 4. students: black-box KD and Proxy-KD x {a.seeds} seeds per budget  [{time.time() - t0:.0f} s]", flush=True)
+    jobs = []
+    for n in budgets:
+        for s in range(a.seeds):
+            jobs.append(student_job(a, w, bases["student"], teachers[n], None, None, s, ["--alpha", "0"], f"bbkd_n{n}_seed{s}",
+                                    f"{d}/n{n}/students/bbkd_seed{s}"))
+            jobs.append(student_job(a, w, bases["student"], teachers[n], f"{d}/n{n}/proxy/final", f"{d}/n{n}/cache", s, [],
+                                    f"proxykd_n{n}_seed{s}", f"{d}/n{n}/students/proxykd_seed{s}"))
+    run_students(jobs, a, "sweep students")
+    print(f"sweep 5. eval  [{time.time() - t0:.0f} s]", flush=True)
+    models = {"proxy base": [bases["proxy"]], "student base": [bases["student"]]}
+    for n in budgets:
+        models[f"proxy n{n}"] = [f"{d}/n{n}/proxy/final"]
+        for v in ("bbkd", "proxykd"):
+            models[f"{v} n{n}"] = [f"{d}/n{n}/students/{v}_seed{s}/final" for s in range(a.seeds)]
+    rows = evaluate_all(models, w, tok, device, a, f"{d}/evals.json")
+
+    def cell(label, k, pct=True):
+        return fmt(*mean_std(rows[label], k), pct=pct)
+
+    def diff(k, n, pct=True):  # Proxy-KD minus black-box KD, ± the standard error of that difference
+        (m1, s1), (m0, s0) = mean_std(rows[f"proxykd n{n}"], k), mean_std(rows[f"bbkd n{n}"], k)
+        se = math.sqrt(((s1 or 0) ** 2 + (s0 or 0) ** 2) / a.seeds)
+        return fmt(m1 - m0, se, pct=pct) + (" *" if abs(m1 - m0) > 2 * se else "")
+
+    lines = [f"| model | params | exact match % | any form % | exact KL / token | top-1 = teacher's argmax % |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label in ("proxy base", "student base"):
+        r = rows[label][0]
+        lines.append(f"| {label} (pretrained) | {r['params']} | {fmt(r['exact_match'])} | {fmt(r['any_form'])} | "
+                     f"{fmt(r['kl'], pct=False)} | {fmt(r['teacher_top1'])} |")
+    lines += ["", "| \\|D\\| | \\|D_s\\| | proxy EM % | proxy KL | black-box KD EM % | Proxy-KD EM % | Δ EM | "
+              "black-box KD KL | Proxy-KD KL | Δ KL | black-box KD any form % | Proxy-KD any form % |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in budgets:
+        n_s = len(data.split_indices(n, 0)["student"])
+        lines.append(f"| {n} | {n_s} | {cell(f'proxy n{n}', 'exact_match')} | {cell(f'proxy n{n}', 'kl', False)} | "
+                     f"{cell(f'bbkd n{n}', 'exact_match')} | {cell(f'proxykd n{n}', 'exact_match')} | {diff('exact_match', n)} | "
+                     f"{cell(f'bbkd n{n}', 'kl', False)} | {cell(f'proxykd n{n}', 'kl', False)} | {diff('kl', n, False)} | "
+                     f"{cell(f'bbkd n{n}', 'any_form')} | {cell(f'proxykd n{n}', 'any_form')} |")
+    lines += ["", f"Held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Students: mean ± std over {a.seeds} "
+              f"seeds; Δ = Proxy-KD minus black-box KD ± the standard error of the difference; * marks |Δ| > 2 se."]
+    minutes = (time.time() - t0) / 60
+    header = (f"Proxy-KD demo --sweep ({SWEEP_RANGES}, k = {a.rounds}, alpha = {a.alpha}, {a.threads} CPU threads, "
+              f"{minutes:.1f} min)\n")
+    write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
+
+
+# ---------------------------------------------------------------------------------------------------
+# --dpo_sweep: the balance of Eq. 6, in --sweep's world at its middle budget. name -> (Eq. 3 reduction,
+# beta, lr, --no_dpo); the second is --sweep's own proxy at that budget (the defaults), reused.
+
+DPO_CONFIGS = {
+    "NLL only (-PO), lr 2e-3": ("sequence", 0.1, 2e-3, True),
+    "sequence NLL + DPO, beta 0.1, lr 2e-3 (default)": ("sequence", 0.1, 2e-3, False),
+    "sequence NLL + DPO, beta 1, lr 2e-3": ("sequence", 1.0, 2e-3, False),
+    "token NLL + DPO, beta 0.1, lr 2e-3": ("token", 0.1, 2e-3, False),
+    "NLL only (-PO), lr 5e-4": ("sequence", 0.1, 5e-4, True),
+    "token NLL + DPO, beta 0.1, lr 5e-4": ("token", 0.1, 5e-4, False),
+}
+DPO_SEEDS = 2
+
+
+def run_dpo_sweep(a, out: str, device, t0: float) -> None:
+    budgets, w, tok, teachers, bases = sweep_world(a, f"{out}/sweep")
+    n = budgets[len(budgets) // 2]
+    d = f"{out}/sweep/dpo_n{n}"
+    dirs, jobs = {}, []
+    for i, (name, (red, beta, lr, no_dpo)) in enumerate(DPO_CONFIGS.items()):
+        args = proxy_args(a, w, bases["proxy"], teachers[n], lr, beta, red) + ["--no_dpo"] * no_dpo
+        dirs[name] = f"{out}/sweep/n{n}/proxy" if args == proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
+                                                                      a.nll_reduction) else f"{d}/c{i}"
+        jobs.append(Job(f"dpo_c{i}", "train_proxy.py", args, dirs[name]))
+    print(f"dpo sweep 3. {len(jobs)} proxies on |D| = {n}  [{time.time() - t0:.0f} s]", flush=True)
+    run_jobs(sorted(jobs, key=lambda j: not j.out.startswith(d)), a, "dpo proxies")  # --sweep's own proxy last
+    students = {name: [f"{d}/students_c{i}_seed{s}" for s in range(DPO_SEEDS)] for i, name in enumerate(DPO_CONFIGS)}
+    jobs = [student_job(a, w, bases["student"], teachers[n], f"{dirs[name]}/final", f"{d}/cache_c{i}", s, [],
+                        os.path.basename(sd), sd) for i, name in enumerate(DPO_CONFIGS) for s, sd in enumerate(students[name])]
+    print(f"dpo sweep 4. Proxy-KD students, {DPO_SEEDS} seeds per proxy  [{time.time() - t0:.0f} s]", flush=True)
+    run_students(jobs, a, "dpo students")
+    warmups = {"proxy after warm-up only, lr 2e-3": f"{dirs[list(DPO_CONFIGS)[0]]}/warmup/final",
+               "proxy after warm-up only, lr 5e-4": f"{dirs[list(DPO_CONFIGS)[4]]}/warmup/final"}
+    models = {"proxy base": [bases["proxy"]], **{k: [v] for k, v in warmups.items()}}
+    for name, p in dirs.items():
+        models[f"proxy: {name}"] = [f"{p}/final"]
+        models[f"student: {name}"] = [f"{sd}/final" for sd in students[name]]
+    rows = evaluate_all(models, w, tok, device, a, f"{d}/evals.json")
+    lines = ["| Eq. 6 setting | proxy EM % | proxy exact KL | proxy top-1 = teacher's argmax % | proxy held-out NLL | "
+             f"Proxy-KD student EM % ({DPO_SEEDS} seeds) | student exact KL |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ["proxy base", *warmups, *DPO_CONFIGS]:
+        p, s = rows.get(f"proxy: {name}", rows.get(name)), rows.get(f"student: {name}", [])
+        lines.append(f"| {name} | {fmt(*mean_std(p, 'exact_match'))} | {fmt(*mean_std(p, 'kl'), pct=False)} | "
+                     f"{fmt(*mean_std(p, 'teacher_top1'))} | {fmt(*mean_std(p, 'nll'), pct=False)} | "
+                     f"{fmt(*mean_std(s, 'exact_match'))} | {fmt(*mean_std(s, 'kl'), pct=False)} |")
+    lines += ["", f"|D| = {n} (D_w {len(data.split_indices(n, 0)['warmup'])}, D_p {len(data.split_indices(n, 0)['proxy'])}); "
+              f"held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Student: mean ± std over {DPO_SEEDS} seeds."]
+    minutes = (time.time() - t0) / 60
+    header = f"Proxy-KD demo --dpo_sweep ({SWEEP_RANGES}, |D| = {n}, k = {a.rounds}, {a.threads} CPU threads, {minutes:.1f} min)\n"
+    write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
 
 
 def main(argv=None) -> None:
@@ -289,54 +576,14 @@ def main(argv=None) -> None:
     if a.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(a.threads)
     _, _, device = init_distributed()  # one-rank group: train_proxy.evaluate all_reduces its sums
-
-    print("1. world: teacher data, held-out set, pretraining corpus, tokenizer", flush=True)
-    w = make_world(a, f"{out}/data")
-    tok = data.Tokenizer(w["tok"])
-    print("2. bases: pretraining the proxy base (larger) and the student base (smaller)", flush=True)
-    bases = {"proxy": f"{out}/bases/proxy", "student": f"{out}/bases/student"}
-    pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.pretrain_steps, seed=0)
-    pretrain(bases["student"], STUDENT, w["pretrain"], tok, a.pretrain_steps, seed=1)
-    print(f"3. proxies: warm-up + {a.rounds} rounds of NLL + DPO, and NLL only (-PO)  [{time.time() - t0:.0f} s]", flush=True)
-    run_jobs(proxy_jobs(a, w, bases, out), a, "proxies")
-    print(f"4. students: {len(STUDENTS)} variants x {a.seeds} seeds  [{time.time() - t0:.0f} s]", flush=True)
-    s_jobs = student_jobs(a, w, bases, out)
-    # one run per proxy first, alone: it builds that proxy's cache, which the others then share
-    firsts = {}
-    for j in s_jobs:
-        cache = j.args[j.args.index("--cache_dir") + 1] if "--cache_dir" in j.args else None
-        firsts.setdefault(cache, j)
-    run_jobs([j for c, j in firsts.items() if c is not None], a, "students (building caches)")
-    run_jobs(s_jobs, a, "students")
-
-    print(f"5. eval: greedy exact match and teacher-forced agreement on {a.n_eval} held-out prompts  "
-          f"[{time.time() - t0:.0f} s]", flush=True)
-    evals_path = f"{out}/evals.json"
-    cached = json.load(open(evals_path)) if os.path.exists(evals_path) else {}
-    models = {"proxy base (pretrained; the -align proxy)": [bases["proxy"]],
-              "proxy after warm-up on D_w only": [f"{out}/proxy/warmup/final"],
-              "proxy aligned by NLL only on D_p (-PO)": [f"{out}/proxy_no_po/final"],
-              "proxy aligned: warm-up + NLL + DPO rounds (Proxy-KD)": [f"{out}/proxy/final"],
-              "student base (pretrained)": [bases["student"]]}
-    for variant, (label, _, _) in STUDENTS.items():
-        models[label] = [f"{out}/students/{variant}_seed{s}/final" for s in range(a.seeds)]
-    rows = {"teacher (black box)": [teacher_row(w)]}
-    for label, paths in tqdm(models.items(), desc="eval", dynamic_ncols=True):
-        for p in paths:
-            if p not in cached:
-                cached[p] = eval_model(p, w, tok, device)
-                data.atomic_write(evals_path, json.dumps(cached, indent=1))
-        rows[label] = [cached[p] for p in paths]
-    table, summary = summarise(rows, a.seeds, a.n_eval)
-    minutes = (time.time() - t0) / 60
-    header = (f"Proxy-KD demo ({a.n_teacher} teacher examples, k = {a.rounds} rounds, alpha = {a.alpha}, "
-              f"{os.cpu_count()} CPU cores, {minutes:.1f} min)\n")
-    data.atomic_write(f"{out}/results.md", header + "\n" + table + "\n")
-    data.atomic_write(f"{out}/results.json", json.dumps({"args": vars(a), "minutes": minutes, "rows": summary},
-                                                          indent=1).encode())
-    print("\n" + header + "\n" + table + f"\n\nwritten: {out}/results.md, {out}/results.json", flush=True)
+    if a.sweep:
+        run_sweep(a, out, device, t0)
+    elif a.dpo_sweep:
+        run_dpo_sweep(a, out, device, t0)
+    else:
+        run_main(a, out, device, t0)
     finish(0)
 
 
