@@ -4,15 +4,25 @@ what is checked is that every row is produced from real runs and that the table 
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # a session of its own, so a timeout kills the demo's training runs too, not only the demo
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    p = subprocess.CompletedProcess(args, proc.returncode, out, err)
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
     return p
 
@@ -20,7 +30,7 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def test_demo_end_to_end_and_rerun_skips_finished_work(tmp_path):
     out = str(tmp_path / "demo")
     small = ["--out", out, "--n_teacher", "240", "--n_eval", "24", "--n_pretrain", "400", "--pretrain_steps", "5",
-             "--rounds", "2", "--seeds", "2", "--batch_size", "8"]
+             "--rounds", "2", "--seeds", "2", "--batch_size", "8", "--max_new_tokens", "48"]
     p = run(["scripts/demo.py", *small])
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)

@@ -108,6 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="training runs at once (each gets threads / jobs threads)")
     p.add_argument("--threads", type=int, default=2,
                    help="CPU threads in all, fixed rather than the machine's core count so results do not depend on it")
+    p.add_argument("--max_new_tokens", type=int, default=160,
+                   help="reply cap of the proxy's DPO samples and of the eval generations (the longest teacher reply: 100)")
     p.add_argument("--n_exact", type=int, default=100, help="held-out prompts scored by the exact teacher KL")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the main table: the paper's regime (8x capacity gap, harder problems), "
@@ -224,7 +226,7 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
 def proxy_args(a, w: dict, base: str, teacher: str, lr: float, beta: float, nll_reduction: str) -> list[str]:
     return ["--base", base, "--tokenizer", w["tok"], "--data", teacher, "--eval_data", w["heldout"],
             "--rounds", str(a.rounds), "--lr", str(lr), "--beta", str(beta), "--nll_reduction", nll_reduction,
-            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", "160", "--base_dtype", "float32",
+            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", str(a.max_new_tokens), "--base_dtype", "float32",
             "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]
 
 
