@@ -31,10 +31,19 @@ The paper's setting (8 GPUs, one node; Llama-2-70B proxy):
         --data teacher.jsonl --eval_data teacher_heldout.jsonl --out runs/proxy \
         --batch_size 2 --grad_accum 4 --activation_checkpointing
 
-Memory: rank 0 reads the base into host memory once and broadcasts it shard by shard (load_base,
-shard_model), so each GPU holds 1/N of the frozen weights plus activations. model.generate keeps the
-parameters gathered for the whole decode loop (one all-gather instead of one per token): the sampling
-pre-pass needs the full bf16 model on each GPU (70B: 140 GB, more than an 80 GB GPU holds).
+Memory: each rank reads only its own shard of each base tensor from the safetensors files (load_base,
+shard_model, parallel.load_fsdp_shards), so each GPU holds 1/N of the frozen weights plus activations
+and no host ever holds the whole checkpoint; final/ is merged and written tensor by tensor. The round
+pre-pass samples with --sampler auto: "gathered" (the whole model on every GPU for the decode, each
+rank decoding its own --gen_batch_size rows to their end) when the memory plan fits it in the GPU,
+else "tensor_parallel" (parallel.py: 1/N of every block per GPU, LoRA merged, all ranks decoding
+--gen_batch_size rows together). For the 70B proxy on 8 x 80 GB auto picks tensor_parallel: about
+39 GiB per GPU at --gen_batch_size 32, the train step about 28 GiB. Print the plan first, from
+config.json and the flags, without loading any weight (--plan_world_size: GPUs to plan for,
+--gpu_memory_gib: their memory; a phase over 90% of it is flagged):
+
+    python train_proxy.py --base llama-2-70b --plan --plan_world_size 8 --gpu_memory_gib 80 \
+        --batch_size 2 --grad_accum 4 --activation_checkpointing
 
 Several nodes (rank 0's node holds --out/checkpoints; each rank writes its own round files):
 

@@ -18,8 +18,9 @@ never trained on it).
 Runbook
 -------
 Full Proxy-KD (8 GPUs, one node). The proxy is sharded with FSDP2 too, so each GPU holds 1/8 of it
-(a 70B bf16 proxy: ~17.5 GB per GPU); rank 0 alone reads it into host memory and broadcasts the shards.
-The cache costs ~60 bytes per response token at k = 10 (6 GB per 100M tokens).
+(a 70B bf16 proxy: ~17.5 GB per GPU), each rank reading only its own shard from the safetensors files;
+it is freed before the student loads. --plan prints the per-GPU memory of both phases without loading
+any weight. The cache costs ~60 bytes per response token at k = 10 (6 GB per 100M tokens).
 
     torchrun --standalone --nproc_per_node 8 train_student.py \
         --base llama-2-7b --proxy runs/proxy/final --tokenizer llama-2-7b/tokenizer.model \
