@@ -163,21 +163,17 @@ def load_fsdp_shards(model: nn.Module, ckpt_dir: str, host: dict[str, torch.Tens
     if expected - set(files) or unexpected:
         raise ValueError(f"{ckpt_dir}: checkpoint does not match config.json: missing {sorted(expected - set(files))[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
-    handles = {}
-    try:
-        for name, p in params.items():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            rows = shard_rows(p.shape[0], rank, world) if hasattr(p, "to_local") else slice(0, p.shape[0])
-            if name in host:
-                src = host[name][rows]
-            else:
-                path = files[name]
-                if path not in handles:
-                    handles[path] = safe_open(path, framework="pt")
-                src = handles[path].get_slice(name)[rows]
-            local.copy_(src.to(local.dtype))
-    finally:
-        handles.clear()
+    handles = {}  # one open file per safetensors shard; get_slice reads only the requested rows
+    for name, p in params.items():
+        rows = shard_rows(p.shape[0], rank, world)
+        if name in host:
+            src = host[name][rows]
+        else:
+            if files[name] not in handles:
+                handles[files[name]] = safe_open(files[name], framework="pt")
+            src = handles[files[name]].get_slice(name)[rows]
+        local = p.to_local()  # this rank's rows of the DTensor, a view of FSDP2's sharded storage
+        local.copy_(src.to(local.dtype))
 
 
 @torch.no_grad()
