@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import lora
 import parallel
-from model import KVCache, Llama, ModelArgs, generate, rope_cos_sin
+from model import KVCache, Llama, ModelArgs, gathered, generate, rope_cos_sin
 from test_train_proxy import EXACT, adapter, launch, metrics, ok, steps_of, world  # noqa: F401 (world: the fixture)
 
 # tiny with an odd vocabulary: FSDP2 pads embed_tokens / lm_head rows, so the plan must count the padding
@@ -71,6 +71,14 @@ def worker(ckpt: str) -> None:
     ref.load_state_dict({k: v for k, v in full_sd.items() if ".lora_" in k}, strict=False)
     lora.merge_lora(ref).eval()
     want = [generate(ref, [p], 8, eos_id=-1, pad_id=0, greedy=True)[0] for p in PROMPTS[rank]]
+
+    # the gathered sampler: inside `gathered` no forward is a collective, so rank 0 may decode its rows
+    # one generate call each (3 calls) while rank 1 decodes its two rows in one call
+    model.eval()
+    with gathered(model):
+        got = [y for p in PROMPTS[0] for y in generate(model, [p], 8, eos_id=-1, pad_id=0, greedy=True)] if rank == 0 \
+            else generate(model, PROMPTS[1], 8, eos_id=-1, pad_id=0, greedy=True)
+    assert got == want, (rank, got, want)
 
     tpm = parallel.tensor_parallel_copy(model)
     got = parallel.tp_generate(tpm, PROMPTS[rank], 2, 8, eos_id=-1, pad_id=0, greedy=True)

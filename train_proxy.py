@@ -29,7 +29,7 @@ The paper's setting (8 GPUs, one node; Llama-2-70B proxy):
     torchrun --standalone --nproc_per_node 8 train_proxy.py \
         --base llama-2-70b --tokenizer llama-2-70b/tokenizer.model \
         --data teacher.jsonl --eval_data teacher_heldout.jsonl --out runs/proxy \
-        --batch_size 2 --grad_accum 4 --activation_checkpointing
+        --batch_size 2 --grad_accum 4 --activation_checkpointing --gen_batch_size 32
 
 Memory: each rank reads only its own shard of each base tensor from the safetensors files (load_base,
 shard_model, parallel.load_fsdp_shards), so each GPU holds 1/N of the frozen weights plus activations
@@ -43,7 +43,7 @@ config.json and the flags, without loading any weight (--plan_world_size: GPUs t
 --gpu_memory_gib: their memory; a phase over 90% of it is flagged):
 
     python train_proxy.py --base llama-2-70b --plan --plan_world_size 8 --gpu_memory_gib 80 \
-        --batch_size 2 --grad_accum 4 --activation_checkpointing
+        --batch_size 2 --grad_accum 4 --activation_checkpointing --gen_batch_size 32
 
 Several nodes (rank 0's node holds --out/checkpoints; each rank writes its own round files):
 
@@ -525,7 +525,7 @@ class Config:
     greedy: bool = False  # y_hat = greedy decode instead of sampling (debugging, exactness tests)
     max_new_tokens: int = 512  # length cap of y_hat (also cut to max_len - prompt length)
     sampler: str = "auto"  # round pre-pass decode: gathered (whole model per GPU), tensor_parallel, or auto (by the memory plan)
-    gen_batch_size: int = 32  # prompts per decode batch: per rank (gathered), across all ranks (tensor_parallel)
+    gen_batch_size: int = 0  # prompts per decode batch: per rank (gathered), across all ranks (tensor_parallel); 0 = batch_size
     plan: bool = False  # print the per-GPU memory plan from config.json and the flags, and exit (no weights loaded)
     plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
     gpu_memory_gib: float = 0.0  # per-GPU memory the plan and --sampler auto hold against (0 = this GPU's; none on CPU)
@@ -568,8 +568,10 @@ def parse_args(argv=None) -> Config:
     for name in ("base_dtype",) + (("merged_dtype",) if cfg.merged_dtype else ()):
         if getattr(cfg, name) not in ("bfloat16", "float16", "float32"):
             p.error(f"--{name} must be bfloat16, float16 or float32")
-    if cfg.rounds < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.gen_batch_size < 1:
-        p.error("--rounds >= 0, --batch_size >= 1, --grad_accum >= 1 and --gen_batch_size >= 1")
+    if cfg.rounds < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.gen_batch_size < 0:
+        p.error("--rounds >= 0, --batch_size >= 1, --grad_accum >= 1 and --gen_batch_size >= 0")
+    # 0: decode in micro-batches, the same rows and sampling stream as before --gen_batch_size existed
+    cfg.gen_batch_size = cfg.gen_batch_size or cfg.batch_size
     if cfg.sampler not in ("auto", "gathered", "tensor_parallel"):
         p.error("--sampler must be auto, gathered or tensor_parallel")
     return cfg
@@ -586,7 +588,7 @@ def memory_plan(cfg: Config, world: int) -> parallel.Plan:
     args = ModelArgs.from_hf_config(read_hf_config(cfg.base))
     return parallel.plan_proxy(
         args, world, base_itemsize=getattr(torch, cfg.base_dtype).itemsize, lora_r=cfg.lora_r,
-        batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size,
+        batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size or cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
         activation_checkpointing=cfg.activation_checkpointing, budget=parallel.gpu_budget(cfg.gpu_memory_gib))
 
