@@ -16,6 +16,7 @@ Padding conventions:
 """
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -435,6 +436,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     return torch.multinomial(probs.to(dev), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+@contextmanager
+def gathered(model: nn.Module):
+    """Keep an FSDP2 model's parameters unsharded inside the block: one all-gather per module on entry
+    (collective: every rank enters together), none in the forwards inside, a local reshard on exit.
+    Inside it a forward issues no collective, so ranks may run different numbers of forwards (each
+    rank decodes its own rows to their own end). Re-entrant; a no-op on a model without FSDP."""
+    fsdp = _fsdp_modules(model)
+    if not fsdp or getattr(model, "_gathered", False):
+        yield model
+        return
+    for m in fsdp:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    model._gathered = True
+    try:
+        yield model
+    finally:
+        model._gathered = False
+        for m in fsdp:
+            m.reshard()
+            # back to fully_shard's defaults: blocks reshard after forward, the root does not (its
+            # parameters are needed again at once by the backward)
+            m.set_reshard_after_forward(m is not model, recurse=False)
+
+
 @torch.no_grad()
 def generate(
     model: Llama,
@@ -446,15 +472,16 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    all_ranks_done: bool = False,
 ) -> list[list[int]]:
     """Batched sampling with a KV cache. prompts: B non-empty token lists of any lengths (left-padded here).
     Returns B lists of new tokens, each cut before its first eos (eos not included), at most max_new_tokens.
 
     Uses the model's current mode: call model.eval() first if LoRA dropout should be off.
-    Collective when torch.distributed is initialised: the "every row finished" test is all_reduced, so all
-    ranks run the same number of forwards (FSDP2 all-gathers in each one). Every rank must pass the same
-    max_new_tokens and at least one prompt. On an FSDP2 model the parameters stay unsharded for the whole
-    decode loop (one all-gather instead of one per token), then are resharded.
+    On an FSDP2 model the parameters are gathered once (`gathered`: collective, every rank calls
+    generate together) and the decode loop issues no collective: each rank stops when its own rows
+    are done. all_ranks_done=True instead stops only when every rank's rows are done (an all_reduce
+    per token), for models whose every forward is a collective (tensor-parallel decoding).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -469,12 +496,10 @@ def generate(
     position_ids = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
 
-    fsdp = _fsdp_modules(model)
-    for m in fsdp:
-        m.set_reshard_after_forward(False, recurse=False)
-    try:
+    with gathered(model):
         cache = KVCache(L + max_new_tokens)
-        logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache)[:, -1]
+        # only the last position's logits (B, V): a (B, L, V) prefill output is the decode's largest tensor
+        logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache, head_fn=_last_logits)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
         for t in range(max_new_tokens):
@@ -482,17 +507,11 @@ def generate(
             nxt = nxt.masked_fill(done, pad_id)
             out.append(nxt)
             done = done | (nxt == eos_id)
-            if t == max_new_tokens - 1 or _all_done(done):
+            if t == max_new_tokens - 1 or _all_done(done, all_ranks_done):
                 break
             valid[:, L + t] = True
             logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=valid[:, : L + t + 1],
-                           cache=cache)[:, -1]
-    finally:
-        for m in fsdp:
-            m.reshard()
-            # back to fully_shard's defaults: blocks reshard after forward, the root does not (its
-            # parameters are needed again at once by the backward)
-            m.set_reshard_after_forward(m is not model, recurse=False)
+                           cache=cache, head_fn=_last_logits)
 
     if not out:
         return [[] for _ in prompts]
@@ -500,10 +519,14 @@ def generate(
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
 
 
-def _all_done(done: torch.Tensor) -> bool:
-    """True when every row on every rank has emitted eos (one host sync per decode step)."""
+def _last_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(h[:, -1], w)  # (B, D) -> (B, V)
+
+
+def _all_done(done: torch.Tensor, all_ranks: bool) -> bool:
+    """True when every row (of every rank, if all_ranks) has emitted eos (one host sync per decode step)."""
     n_open = (~done).sum()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if all_ranks:
         torch.distributed.all_reduce(n_open)
     return n_open.item() == 0
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
+import lora
 import proxykd as pk
 import test_train_proxy
 import train_student as ts
@@ -306,7 +307,7 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
         cfg = ts.Config(alpha=100.0, chunk_size=7)
 
         torch.manual_seed(0)
-        model = ts.load_lora_model(world["student"], 4, 8.0, 0.0, "cpu", torch.float32)
+        model = lora.apply_lora(Llama.from_pretrained(world["student"], dtype=torch.float32), r=4, alpha=8.0)
         for n, p in model.named_parameters():
             if p.requires_grad:  # random B too, so every LoRA tensor gets a gradient
                 torch.nn.init.normal_(p, std=0.1)

@@ -29,12 +29,21 @@ The paper's setting (8 GPUs, one node; Llama-2-70B proxy):
     torchrun --standalone --nproc_per_node 8 train_proxy.py \
         --base llama-2-70b --tokenizer llama-2-70b/tokenizer.model \
         --data teacher.jsonl --eval_data teacher_heldout.jsonl --out runs/proxy \
-        --batch_size 2 --grad_accum 4 --activation_checkpointing
+        --batch_size 2 --grad_accum 4 --activation_checkpointing --gen_batch_size 32
 
-Memory: rank 0 reads the base into host memory once and broadcasts it shard by shard (load_base,
-shard_model), so each GPU holds 1/N of the frozen weights plus activations. model.generate keeps the
-parameters gathered for the whole decode loop (one all-gather instead of one per token): the sampling
-pre-pass needs the full bf16 model on each GPU (70B: 140 GB, more than an 80 GB GPU holds).
+Memory: each rank reads only its own shard of each base tensor from the safetensors files (load_base,
+shard_model, parallel.load_fsdp_shards), so each GPU holds 1/N of the frozen weights plus activations
+and no host ever holds the whole checkpoint; final/ is merged and written tensor by tensor. The round
+pre-pass samples with --sampler auto: "gathered" (the whole model on every GPU for the decode, each
+rank decoding its own --gen_batch_size rows to their end) when the memory plan fits it in the GPU,
+else "tensor_parallel" (parallel.py: 1/N of every block per GPU, LoRA merged, all ranks decoding
+--gen_batch_size rows together). For the 70B proxy on 8 x 80 GB auto picks tensor_parallel: about
+39 GiB per GPU at --gen_batch_size 32, the train step about 28 GiB. Print the plan first, from
+config.json and the flags, without loading any weight (--plan_world_size: GPUs to plan for,
+--gpu_memory_gib: their memory; a phase over 90% of it is flagged):
+
+    python train_proxy.py --base llama-2-70b --plan --plan_world_size 8 --gpu_memory_gib 80 \
+        --batch_size 2 --grad_accum 4 --activation_checkpointing --gen_batch_size 32
 
 Several nodes (rank 0's node holds --out/checkpoints; each rank writes its own round files):
 
@@ -109,8 +118,9 @@ from tqdm import tqdm
 
 import data
 import lora
+import parallel
 import proxykd as pk
-from model import Llama, ModelArgs, generate, read_hf_config
+from model import Llama, ModelArgs, gathered, generate, read_hf_config
 
 # ---------------------------------------------------------------------------------------------------
 # shared plumbing (train_student.py imports these; keep the names and signatures stable)
@@ -148,18 +158,16 @@ def _any_rank(flag: bool, device) -> bool:
 
 
 def load_base(base_dir: str, dtype=torch.bfloat16) -> Llama:
-    """HF-format checkpoint -> an unsharded Llama for shard_model, without one full copy per rank.
-
-    Rank 0 (or the only rank) reads the weights into host memory; the other ranks build the same
-    architecture on the meta device (no memory). shard_model then gives every rank its shard, each
-    rank's device only ever holding shards (a 70B bf16 proxy is 140 GB: it would not fit on one 80 GB
-    GPU, let alone eight copies in host memory).
+    """HF-format checkpoint -> a Llama on the meta device (no memory) that remembers base_dir as
+    `model.checkpoint_dir`; shard_model then has every rank read only its own shard of each tensor
+    straight from the safetensors files (parallel.load_fsdp_shards). No rank ever holds the whole
+    model, on the host or on its device (a 70B bf16 proxy is 140 GB).
     """
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        return Llama.from_pretrained(base_dir, dtype=dtype, device="cpu")
     args = ModelArgs.from_hf_config(read_hf_config(base_dir))
     with torch.device("meta"):
-        return Llama(args).to(dtype)
+        model = Llama(args).to(dtype)
+    model.checkpoint_dir = base_dir
+    return model
 
 
 def load_lora_model(
@@ -170,12 +178,18 @@ def load_lora_model(
     symmetry; FSDP2 places the shards on the process group's device).
 
     The base weights are frozen in `dtype` (bf16, the paper's mixed precision), the LoRA A/B are fp32 and
-    the only trainable parameters. LoRA A is drawn on the host from torch's global CPU RNG by rank 0
-    and broadcast by shard_model, so the initial adapter is the same for any world size and device.
+    the only trainable parameters. LoRA A is drawn on the host from torch's global CPU RNG, seeded alike
+    on every rank, so the initial adapter is the same for any world size and device.
     The LoRA hyperparameters are kept as `model.lora_config` (a dict) for the PEFT adapter_config.json.
     """
     model = load_base(base_dir, dtype)
     lora.apply_lora(model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    # the adapter is small: every rank draws it whole on the host from the same seed (A in module
+    # order, B zero), the same values for any world size; shard_model keeps each rank's rows
+    for m in lora.lora_modules(model).values():
+        m.lora_A = torch.nn.Parameter(torch.empty_like(m.lora_A, device="cpu"))
+        m.lora_B = torch.nn.Parameter(torch.empty_like(m.lora_B, device="cpu"))
+        m.reset_lora_parameters()
     model.lora_config = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, base=os.path.abspath(base_dir))
     return model
 
@@ -188,17 +202,17 @@ def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
     """FSDP2: fully_shard every transformer block, then the root (embeddings, final norm, lm_head).
     Collective. Returns the same module object, now an FSDPModule on the process group's device.
 
-    If some rank holds the model on the meta device (load_base), rank 0's full weights are broadcast
-    and every rank keeps only its shard; a model fully loaded on every rank is sharded as is.
+    A model from load_base (base weights on the meta device) gets its shards read by each rank from
+    `model.checkpoint_dir` (parallel.load_fsdp_shards; parameters already on the host, the fresh LoRA,
+    are sliced from there); a model fully loaded on every rank is sharded as is.
     activation_checkpointing recomputes each block in the backward. It uses the composable
     `checkpoint` (a hook on the block) rather than checkpoint_wrapper, because the wrapper renames every
     parameter (`_checkpoint_wrapped_module.`) and the LoRA/PEFT key mapping relies on plain HF names.
     """
     device = _default_device()
     on_meta = any(p.is_meta for p in model.parameters())
-    broadcast = _any_rank(on_meta, device)
-    # rank 0 keeps references to its full host tensors: fully_shard copies them into shards
-    full = model.state_dict() if broadcast and dist.get_rank() == 0 else {}
+    # to_empty below replaces every parameter: keep the host ones (the fresh LoRA) to slice from
+    host = {n: p.detach() for n, p in model.named_parameters() if not p.is_meta} if on_meta else {}
     if activation_checkpointing:
         from torch.distributed._composable import checkpoint
     for block in model.model.layers:
@@ -206,10 +220,9 @@ def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
             checkpoint(block)
         fully_shard(block)
     fully_shard(model)
-    if broadcast:
-        if on_meta:
-            model.to_empty(device=device)
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if on_meta:
+        model.to_empty(device=device)
+        parallel.load_fsdp_shards(model, model.checkpoint_dir, host)
     return model
 
 
@@ -453,20 +466,18 @@ def save_final(out_dir: str, model, tokenizer_path: str, cfg, dtype: torch.dtype
       out_dir/final/    config.json + model.safetensors (HF format, W + (alpha/r) B A merged in fp32,
                         stored in `dtype`, default the base checkpoint's own dtype) + tokenizer.model
                         (+ provenance.json, the `provenance` dict, when given: what data trained it)
-    cfg needs .base (the HF base dir). Rank 0 does the merge on CPU from the gathered LoRA tensors and a
-    fresh copy of the base, so no accelerator ever holds a second model; the other ranks wait at a
-    barrier (minutes for a 70B model: init_distributed allows collectives an hour)."""
+    cfg needs .base (the HF base dir). Rank 0 merges on CPU from the gathered LoRA tensors, streaming the
+    base tensor by tensor (parallel.save_merged: one output shard in host memory, never the model), so
+    no accelerator ever holds a second model; the other ranks wait at a barrier (minutes for a 70B
+    model: init_distributed allows collectives an hour)."""
     lora_sd = gather_lora_state(model)
     if dist.get_rank() == 0:
         lora.save_adapter(os.path.join(out_dir, "adapter"), lora_sd, model.lora_config)
         if dtype is None:
             name = read_hf_config(cfg.base).get("torch_dtype", "bfloat16")
             dtype = getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.bfloat16
-        # merge() computes W + (alpha / r) B A in fp32 and rounds once, so the base can be loaded
-        # straight in the output dtype (one copy of the model in host memory, never an fp32 one)
-        merged = Llama.from_pretrained(cfg.base, dtype=dtype, device="cpu")
-        lora.merge_lora(lora.load_adapter(merged, os.path.join(out_dir, "adapter")))
-        merged.save_pretrained(os.path.join(out_dir, "final"))
+        parallel.save_merged(cfg.base, lora_sd, model.lora_config["alpha"] / model.lora_config["r"],
+                             os.path.join(out_dir, "final"), dtype)
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, "final", "tokenizer.model"))
         if provenance is not None:
             data.atomic_write(os.path.join(out_dir, "final", PROVENANCE), json.dumps(provenance, indent=1, sort_keys=True))
@@ -514,6 +525,11 @@ class Config:
     top_p: float = 1.0  # nucleus sampling of y_hat (1.0 = plain sampling)
     greedy: bool = False  # y_hat = greedy decode instead of sampling (debugging, exactness tests)
     max_new_tokens: int = 512  # length cap of y_hat (also cut to max_len - prompt length)
+    sampler: str = "auto"  # round pre-pass decode: gathered (whole model per GPU), tensor_parallel, or auto (by the memory plan)
+    gen_batch_size: int = 0  # prompts per decode batch: per rank (gathered), across all ranks (tensor_parallel); 0 = batch_size
+    plan: bool = False  # print the per-GPU memory plan from config.json and the flags, and exit (no weights loaded)
+    plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
+    gpu_memory_gib: float = 0.0  # per-GPU memory the plan and --sampler auto hold against (0 = this GPU's; none on CPU)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = lora_alpha / lora_r = 2)
     lora_dropout: float = 0.0  # dropout on the LoRA branch; 0 as in DPO practice, so pi^(i) == pi^(i-1) at a round start
@@ -544,8 +560,8 @@ def flags_parser(config_cls, doc: str) -> argparse.ArgumentParser:
 def parse_args(argv=None) -> Config:
     p = flags_parser(Config, __doc__)
     cfg = Config(**vars(p.parse_args(argv)))
-    if not (cfg.base and cfg.tokenizer and cfg.data):
-        p.error("--base, --tokenizer and --data are required")
+    if not (cfg.base and (cfg.plan or (cfg.tokenizer and cfg.data))):
+        p.error("--base, --tokenizer and --data are required (--plan needs only --base)")
     if cfg.optimizer not in ("adam", "sgd"):
         p.error("--optimizer must be adam or sgd")
     if cfg.nll_reduction not in ("token", "sequence"):
@@ -553,8 +569,12 @@ def parse_args(argv=None) -> Config:
     for name in ("base_dtype",) + (("merged_dtype",) if cfg.merged_dtype else ()):
         if getattr(cfg, name) not in ("bfloat16", "float16", "float32"):
             p.error(f"--{name} must be bfloat16, float16 or float32")
-    if cfg.rounds < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        p.error("--rounds >= 0, --batch_size >= 1 and --grad_accum >= 1")
+    if cfg.rounds < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.gen_batch_size < 0:
+        p.error("--rounds >= 0, --batch_size >= 1, --grad_accum >= 1 and --gen_batch_size >= 0")
+    # 0: decode in micro-batches, the same rows and sampling stream as before --gen_batch_size existed
+    cfg.gen_batch_size = cfg.gen_batch_size or cfg.batch_size
+    if cfg.sampler not in ("auto", "gathered", "tensor_parallel"):
+        p.error("--sampler must be auto, gathered or tensor_parallel")
     return cfg
 
 
@@ -562,6 +582,16 @@ def make_optimizer(model, cfg) -> torch.optim.Optimizer:
     """Adam (the paper's) or plain SGD at a constant cfg.lr, over the trainable (LoRA) tensors only."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam" else torch.optim.SGD(params, lr=cfg.lr)
+
+
+def memory_plan(cfg: Config, world: int) -> parallel.Plan:
+    """This run's per-GPU memory plan (parallel.plan_proxy) from --base's config.json and the flags."""
+    args = ModelArgs.from_hf_config(read_hf_config(cfg.base))
+    return parallel.plan_proxy(
+        args, world, base_itemsize=getattr(torch, cfg.base_dtype).itemsize, lora_r=cfg.lora_r,
+        batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size or cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
+        activation_checkpointing=cfg.activation_checkpointing, budget=parallel.gpu_budget(cfg.gpu_memory_gib))
 
 
 def plan_steps(indices: list[int], cfg: Config, rank: int, world: int, epochs) -> list[list[list[int]]]:
@@ -593,8 +623,12 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
     """Round pre-pass under the current weights, which ARE the reference pi_p^(i-1) of this round.
 
     For this rank's examples of the round, in step order: sample y_hat ~ pi_p^(i-1)(.|x) (batched
-    KV-cache generation; every rank runs the same number of decode forwards), then score the teacher's
-    y and y_hat teacher-forced: log pi_p^(i-1)(y|x), log pi_p^(i-1)(y_hat|x).
+    KV-cache generation, cfg.gen_batch_size rows per batch), then score the teacher's y and y_hat
+    teacher-forced: log pi_p^(i-1)(y|x), log pi_p^(i-1)(y_hat|x), one FSDP forward per micro-batch.
+    cfg.sampler "gathered": the whole model is gathered on every rank once and each rank decodes its own
+    rows to their end, with no collective per token. "tensor_parallel": a tensor-parallel copy of the
+    model with the LoRA merged (parallel.tensor_parallel_copy, 1/world of every block per rank) decodes
+    all ranks' rows together; the generator's state is taken from rank 0, so the draws are one stream.
     Returns the flat tensors stored in the round file: example_ids (E,) int64, rejected_tokens (N,)
     int32 and rejected_offsets (E+1,) int64 (example e's full rejected sequence, prompt included, is
     tokens[offsets[e]:offsets[e+1]]), rejected_prompt_len (E,) int64, ref_chosen / ref_rejected (E,)
@@ -603,12 +637,24 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
     model.eval()
     ids_all, seqs, plens, ref_c, ref_r = [], [], [], [], []
     micro = [ids for step in steps for ids in step]
-    for ids in tqdm(micro, desc="sample", leave=False, disable=not show):
+    prompts = [list(encoded[i]["input_ids"][: prompt_len(encoded[i])]) for ids in micro for i in ids]
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, greedy=cfg.greedy, generator=generator)
+    n = cfg.gen_batch_size
+    if cfg.sampler == "tensor_parallel":
+        if generator is not None:
+            generator.set_state(agree(generator.get_state()))
+        tp = parallel.tensor_parallel_copy(model)
+        y_hats = parallel.tp_generate(tp, prompts, n, cfg.max_new_tokens, tok.eos_id, tok.pad_id, **sampling)
+        del tp
+    else:
+        with gathered(model):  # one all-gather per unit here; the decode forwards below issue none
+            y_hats = [y for i in tqdm(range(0, len(prompts), n), desc="sample", leave=False, disable=not show)
+                      for y in generate(model, prompts[i : i + n], cfg.max_new_tokens, tok.eos_id, tok.pad_id, **sampling)]
+    y_hats = iter(y_hats)
+    for ids in micro:  # every rank has the same number of micro-batches: the same FSDP forwards
         crash_point("sample")
         encs = [encoded[i] for i in ids]
-        prompts = [list(e["input_ids"][: prompt_len(e)]) for e in encs]
-        y_hat = generate(model, prompts, cfg.max_new_tokens, tok.eos_id, tok.pad_id, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=cfg.greedy, generator=generator)
+        y_hat = [next(y_hats) for _ in ids]
         rej = [rejected_example(e, y, tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e, y in zip(encs, y_hat)]
         batch = data.collate(encs + rej, tok.pad_id)  # rows [y_1..y_B; y_hat_1..y_hat_B]
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
@@ -731,6 +777,11 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    if cfg.plan:  # before any process group or weight: config.json and the flags only
+        world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(parallel.format_plan(memory_plan(cfg, world), f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"))
+        return
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (and for every world size)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -755,6 +806,11 @@ def main(argv=None) -> None:
     evals = eval_batches(held_out, cfg.eval_batch_size, rank, world, tok.pad_id)
     if tok.vocab_size > model_vocab:
         fail(rank, f"tokenizer has {tok.vocab_size} tokens, {cfg.base} only {model_vocab}")
+    plan = memory_plan(cfg, world)
+    if cfg.sampler == "auto":  # the whole model per GPU when it fits the plan, else tensor-parallel
+        cfg.sampler = plan.sampler
+    if cfg.sampler == "tensor_parallel" and "TP decode" not in plan.phases:
+        fail(rank, f"--sampler tensor_parallel needs the heads and hidden_dim of {cfg.base} divisible by {world} ranks")
 
     # model: frozen bf16 base + fp32 LoRA, FSDP2-sharded; Adam on the LoRA tensors only
     model = load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, device, getattr(torch, cfg.base_dtype))

@@ -18,8 +18,9 @@ never trained on it).
 Runbook
 -------
 Full Proxy-KD (8 GPUs, one node). The proxy is sharded with FSDP2 too, so each GPU holds 1/8 of it
-(a 70B bf16 proxy: ~17.5 GB per GPU); rank 0 alone reads it into host memory and broadcasts the shards.
-The cache costs ~60 bytes per response token at k = 10 (6 GB per 100M tokens).
+(a 70B bf16 proxy: ~17.5 GB per GPU), each rank reading only its own shard from the safetensors files;
+it is freed before the student loads. --plan prints the per-GPU memory of both phases without loading
+any weight. The cache costs ~60 bytes per response token at k = 10 (6 GB per 100M tokens).
 
     torchrun --standalone --nproc_per_node 8 train_student.py \
         --base llama-2-7b --proxy runs/proxy/final --tokenizer llama-2-7b/tokenizer.model \
@@ -77,6 +78,7 @@ Proxy cache (--cache_dir, default <out>/cache)
 """
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -93,8 +95,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import parallel
 import proxykd as pk
-from model import read_hf_config
+from model import ModelArgs, read_hf_config
 from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, metrics, eval, outputs
     agree,
     crash_point,
@@ -165,13 +168,15 @@ class Config:
     keep_checkpoints: int = 2  # newest checkpoints kept in <out>/checkpoints
     resume: bool = False  # continue from <out>/checkpoints/latest; fresh start if none
     stop_after_steps: int = 0  # testing/debugging: checkpoint and exit after this many optimizer steps (0 = off)
+    plan: bool = False  # print the per-GPU memory plan from the config.json files and the flags, and exit (no weights loaded)
+    plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
 
 
 def parse_args(argv=None) -> Config:
     p = flags_parser(Config, __doc__)
     cfg = Config(**vars(p.parse_args(argv)))
-    if not (cfg.base and cfg.tokenizer and cfg.data):
-        p.error("--base, --tokenizer and --data are required")
+    if not (cfg.base and (cfg.plan or (cfg.tokenizer and cfg.data))):
+        p.error("--base, --tokenizer and --data are required (--plan needs only --base)")
     if cfg.alpha != 0 and not cfg.proxy:
         p.error("--proxy is required unless --alpha 0 (black-box KD)")
     for name in ("base_dtype", "proxy_dtype") + (("merged_dtype",) if cfg.merged_dtype else ()):
@@ -468,8 +473,26 @@ def first_error(err: str | None) -> str | None:
     return next((e for e in errs if e), None)
 
 
+def memory_plan(cfg: Config, world: int) -> parallel.Plan:
+    """This run's per-GPU memory plan (parallel.plan_student) from the config.json files and the flags."""
+    args = {}
+    for name in ("base", "proxy") if cfg.alpha != 0 else ("base",):
+        args[name] = ModelArgs.from_hf_config(read_hf_config(getattr(cfg, name)))
+    return parallel.plan_student(
+        args.get("proxy"), args["base"], world, proxy_itemsize=DTYPES[cfg.proxy_dtype].itemsize,
+        base_itemsize=DTYPES[cfg.base_dtype].itemsize, lora_r=cfg.lora_r, batch_size=cfg.batch_size,
+        max_len=cfg.max_len, cache_batch_size=cfg.cache_batch_size, chunk_size=cfg.chunk_size,
+        activation_checkpointing=cfg.activation_checkpointing)
+
+
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    if cfg.plan:  # before any process group or weight: config.json files and the flags only
+        world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(parallel.format_plan(memory_plan(cfg, world), f"train_student.py memory plan: {cfg.base}, proxy "
+                                       f"{cfg.proxy if cfg.alpha else '(none)'}, {world} GPUs"))
+        return
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (and for every world size)
     ckpt_dir = os.path.join(cfg.out, "checkpoints")
@@ -537,7 +560,10 @@ def main(argv=None) -> None:
                 proxy = load_base(cfg.proxy, getattr(torch, cfg.proxy_dtype)).requires_grad_(False).eval()
                 proxy = shard_model(proxy)
                 n_tok = torch.tensor(float(build_cache(cfg, proxy, encoded, todo, digest, tok.pad_id, rank, world, device)), device=device)
-                del proxy  # free the proxy before the student is loaded
+                # free the proxy before the student is loaded: FSDP2 keeps the module in a reference
+                # cycle, so `del` alone leaves every shard allocated until the cycle collector runs
+                del proxy
+                gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 dist.all_reduce(n_tok)

@@ -11,6 +11,10 @@ fp32 LoRA r 8 on every linear), random weights and tokens:
                 (random, in memory), chunked over the vocabulary. tokens/s counts B*T.
   decode        model.generate: batched KV-cache sampling of B prompts (the round pre-pass), new tokens/s.
   cache         train_student.build_cache writing real part files: bytes per cached response token.
+  pre-pass      the round pre-pass decode at --prepass_world ranks (a torchrun launch of this script):
+                new tokens/s per rank of the gathered sampler (whole model per rank, each rank decodes its
+                own B prompts) and of the tensor-parallel one (parallel.tensor_parallel_copy: all ranks
+                decode all world x B prompts together), and their ratio, in the same run.
 Peak memory: on CUDA torch.cuda.max_memory_allocated per phase; on CPU the process's peak resident set
 (VmHWM, reset before each phase through /proc/self/clear_refs), which includes Python and torch itself.
 MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). Training FLOPs per token = 4 * N (forward 2N
@@ -24,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +39,10 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lora  # noqa: E402
+import parallel  # noqa: E402
 import train_proxy as tp  # noqa: E402
 import train_student as ts  # noqa: E402
-from model import Llama, ModelArgs, generate  # noqa: E402
+from model import Llama, ModelArgs, gathered, generate  # noqa: E402
 
 CONFIGS = {
     # the demo's proxy shape (scripts/demo.py)
@@ -57,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="accelerator peak for MFU (default: 989 for H100/H200, 312 for A100 bf16 dense)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
+    p.add_argument("--prepass_world", type=int, default=2, help="ranks of the pre-pass comparison (0 = skip it)")
+    p.add_argument("--prepass_only", action="store_true", help=argparse.SUPPRESS)  # the torchrun half
     return p.parse_args(argv)
 
 
@@ -183,6 +191,51 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     return row
 
 
+def bench_prepass(name: str, dtype: torch.dtype, device, a) -> dict:
+    """Collective. Round pre-pass decode on every rank: B prompts of P tokens per rank, s["new"] sampled
+    tokens each (eos never sampled), with the gathered sampler and with the tensor-parallel one."""
+    import torch.distributed as dist
+
+    spec = CONFIGS[name]
+    args = ModelArgs(**spec["args"])
+    s = spec["cuda" if device.type == "cuda" else "cpu"]
+    B, P, new = s["B"], s["prompt"], s["new"]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model, _ = lora_model(args, dtype, device)
+    model.eval()
+    prompts = torch.randint(4, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(rank)).tolist()
+    gen = torch.Generator().manual_seed(0)
+
+    def gathered_pass():
+        with gathered(model):
+            generate(model, prompts, new, eos_id=-1, pad_id=0, generator=gen)
+
+    dist.barrier()
+    dt_g = timed(gathered_pass, max(1, a.steps - 1), device)
+    t0 = time.perf_counter()
+    tp_model = parallel.tensor_parallel_copy(model)
+    build = time.perf_counter() - t0
+    dt_t = timed(lambda: parallel.tp_generate(tp_model, prompts, world * B, new, -1, 0, generator=gen),
+                 max(1, a.steps - 1), device)
+    # per-rank rates, averaged over ranks
+    r = torch.tensor([B * new / dt_g, B * new / dt_t, build], dtype=torch.float64, device=device)
+    dist.all_reduce(r)
+    g, t, build = (r / world).tolist()
+    return dict(config=name, dtype=str(dtype).replace("torch.", ""), world=world, B=B, prompt=P, new=new,
+                gathered_tok_s=g, tp_tok_s=t, tp_over_gathered=t / g, tp_build_s=build)
+
+
+def prepass_table(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| config | base dtype | ranks | prompts per rank x prompt + new | gathered new tok/s per rank "
+             "| tensor-parallel new tok/s per rank | TP / gathered | TP copy build s |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['dtype']} | {r['world']} | {r['B']} x {r['prompt']} + {r['new']} | "
+                     f"{r['gathered_tok_s']:,.1f} | {r['tp_tok_s']:,.1f} | {r['tp_over_gathered']:.2f} | {r['tp_build_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()} (1 GPU), torch {torch.__version__}"
@@ -219,6 +272,12 @@ def main(argv=None) -> None:
         gpu = torch.cuda.get_device_name()
         a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
     dtypes = a.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
+    if a.prepass_only:  # one rank of the torchrun launch below
+        rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",") for dt in dtypes.split(",")]
+        if int(os.environ.get("RANK", 0)) == 0:
+            with open(a.out, "w") as f:
+                json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
+        tp.finish(0)
     rows = []
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
@@ -227,12 +286,25 @@ def main(argv=None) -> None:
     header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; one rank, LoRA r 8 on a frozen base, "
               f"{a.steps} timed steps")
     md = table(rows, header)
+    world = a.prepass_world if device.type == "cpu" else min(a.prepass_world, torch.cuda.device_count())
+    pre = []
+    if world > 1:
+        print(f"pre-pass at {world} ranks ...", file=sys.stderr, flush=True)
+        pre_json = os.path.splitext(os.path.abspath(a.out))[0] + ".prepass.json"
+        os.makedirs(os.path.dirname(pre_json), exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
+               "--prepass_only", "--configs", a.configs, "--dtypes", dtypes, "--steps", str(a.steps), "--out", pre_json]
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
+        with open(pre_json) as f:
+            pre = json.load(f)["rows"]
+        md += "\n\n" + prepass_table(pre, f"Round pre-pass decode at {world} ranks ({'gloo' if device.type == 'cpu' else 'NCCL'}), "
+                                           f"{max(1, a.steps - 1)} timed passes after one untimed")
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         f.write(md + "\n")
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
+        json.dump({"machine": machine(device), "rows": rows, "prepass": pre}, f, indent=1)
     tp.finish(0)
 
 
