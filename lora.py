@@ -4,7 +4,8 @@
 
 so a fresh adapter leaves the model unchanged. The base `weight` keeps its name (HF checkpoints load as is);
 the adapter parameters are `<module>.lora_A` / `<module>.lora_B`. They are fp32 even when the frozen base is
-bf16: Adam updates of size lr * 1 on bf16 numbers of magnitude ~1e-2 would mostly round away.
+bf16: Adam updates of size lr * 1 on bf16 numbers of magnitude ~1e-2 would mostly round away. (The forward
+casts them to the activations' dtype, as autocast would.)
 
 Adapter files follow PEFT (`adapter_model.safetensors` with keys
 `base_model.model.<module>.lora_A.weight`, and `adapter_config.json`), so peft.PeftModel can load them onto
@@ -57,12 +58,15 @@ class LoRALinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) -> (..., out) in the base output's dtype; the LoRA branch is computed in fp32."""
+        """x (..., in) -> (..., out) in the base output's dtype. The rank-r branch runs in x's dtype too, as
+        under autocast: casting the (tokens, in) input and (tokens, out) output to fp32 and back costs more
+        than the branch itself, so the small fp32 A and (alpha / r) B are cast instead. Their gradients
+        arrive in fp32 (the casts' backward), which is what Adam needs."""
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        delta = F.linear(F.linear(self.lora_dropout(x.to(self.lora_A.dtype)), self.lora_A), self.lora_B)
-        return (y.to(delta.dtype) + self.scaling * delta).to(y.dtype)
+        a, b = self.lora_A.to(x.dtype), (self.scaling * self.lora_B).to(x.dtype)
+        return y + F.linear(F.linear(self.lora_dropout(x), a), b)
 
     @torch.no_grad()
     def merge(self) -> None:

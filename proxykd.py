@@ -465,6 +465,130 @@ def topk_logps_chunked(
 
 
 # ---------------------------------------------------------------------------------------------------
+# fused variants: the chunked functions' values and gradients, faster, and what the training steps use.
+# Each chunk's gradient with respect to the hidden states is computed during the forward, while its
+# logits exist anyway (Liger's fused linear cross-entropy, generalised to per-position outputs), so the
+# backward neither keeps nor recomputes logits: it scales stored (n, D) rows. Matmuls run in the model's
+# dtype (bf16 logits on a bf16 base, as transformers computes them), log-sum-exp and the losses in fp32.
+
+
+class _FusedHead(torch.autograd.Function):
+    """Per-position outputs of a linear head, with their hidden-state gradients taken in the forward.
+
+    forward(h (n, D), w (V, D), coef (n, m), fn, chunk_size, *rows (n, ...)) -> (s (n,), out (n, m)):
+    out = fn(logits, *rows) chunk by chunk (fn maps fp32 logits (n_c, V) and the rows' chunks to (n_c, m)),
+    s = (coef * out).sum(-1). Only s carries a gradient. Fixing how each row's m outputs combine (coef,
+    constants) before the upstream gradient is known is what lets d s_t / d h_t = (d s_t / d logits_t) @ w
+    be computed in the forward; the backward is then grad_h = grad_s[:, None] * those rows.
+    A trainable w (tied embeddings, full fine-tuning; not LoRA) needs grad_s inside its sum over rows, so
+    its gradient is computed in the backward by recomputing each chunk, as the checkpointed version does.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, coef, fn, chunk_size, *rows):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        mm_dtype, dtype = torch.promote_types(h.dtype, w.dtype), _compute_dtype(h, w)
+        w_mm = w.to(mm_dtype)
+        outs, dh = [], []
+        for s in range(0, max(h.shape[0], 1), chunk_size):
+            logits = F.linear(h[s : s + chunk_size].to(mm_dtype), w_mm).to(dtype)  # (n_c, V), the only one
+            rows_c = [r[s : s + chunk_size] for r in rows]
+            if need_h:
+                with torch.enable_grad():
+                    logits.requires_grad_()
+                    out = fn(logits, *rows_c)
+                    (g,) = torch.autograd.grad(out, logits, coef[s : s + chunk_size].to(out.dtype))  # d s / d logits
+                dh.append(g.to(mm_dtype) @ w_mm)  # (n_c, D)
+            else:
+                out = fn(logits, *rows_c)
+            outs.append(out.detach())
+        out = torch.cat(outs)
+        ctx.fn, ctx.chunk_size, ctx.n_rows, ctx.h_dtype = fn, chunk_size, len(rows), h.dtype
+        ctx.save_for_backward(torch.cat(dh) if need_h else None, *((h, w, coef, *rows) if need_w else ()))
+        ctx.mark_non_differentiable(out)
+        return (coef.to(out.dtype) * out).sum(-1), out
+
+    @staticmethod
+    def backward(ctx, grad_s, _):
+        dh, *saved = ctx.saved_tensors
+        grad_h = None if dh is None else (grad_s.unsqueeze(-1) * dh.to(grad_s.dtype)).to(ctx.h_dtype)
+        grad_w = None
+        if saved:
+            h, w, coef, *rows = saved
+            mm_dtype, dtype = torch.promote_types(h.dtype, w.dtype), _compute_dtype(h, w)
+            w_mm, c = w.to(mm_dtype), ctx.chunk_size
+            grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device)
+            for s in range(0, max(h.shape[0], 1), c):
+                with torch.enable_grad():
+                    logits = F.linear(h[s : s + c].to(mm_dtype), w_mm).to(dtype).requires_grad_()
+                    out = ctx.fn(logits, *(r[s : s + c] for r in rows))
+                    (g,) = torch.autograd.grad(out, logits, (coef[s : s + c] * grad_s[s : s + c, None]).to(out.dtype))
+                grad_w += g.to(mm_dtype).T @ h[s : s + c].to(mm_dtype)  # (V, D)
+            grad_w = grad_w.to(w.dtype)
+        return (grad_h, grad_w, None, None, None) + (None,) * ctx.n_rows
+
+
+def _logp_cols(logits: Tensor, y: Tensor) -> Tensor:
+    return _label_logps(logits, y, logits.logsumexp(-1)).unsqueeze(-1)  # (n, 1)
+
+
+def _student_cols(logits: Tensor, y: Tensor, ids: Tensor, p_lp: Tensor) -> Tensor:
+    lse = logits.logsumexp(-1)
+    return torch.stack([_label_logps(logits, y, lse), _coarse_kl(logits, lse, ids, p_lp)], -1)  # (n, 2)
+
+
+def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """token_logps_chunked (Eq. 1 per position) computed by the fused head: same arguments, same result
+    (B, T-1) fp32, 0 where masked, up to the rounding of the matmuls in hidden's / weight's dtype."""
+    B, T, D = hidden.shape
+    y, m = _shifted_targets(labels)
+    coef = m.reshape(-1, 1).to(_compute_dtype(hidden, weight))  # masked positions get no gradient
+    lp, _ = _FusedHead.apply(hidden[:, :-1].reshape(-1, D), weight, coef, _logp_cols, chunk_size, y.reshape(-1))
+    return lp.view(B, T - 1).masked_fill(~m, 0.0)
+
+
+def sequence_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """sequence_logps_chunked (Eq. 1, 3, 4, 9) by the fused head: hidden (B, T, D), weight (V, D),
+    labels (B, T) -> (B,) fp32. The proxy's NLL + DPO forward over [y; y_hat]."""
+    return token_logps_fused(hidden, weight, labels, chunk_size).sum(-1)
+
+
+def student_loss_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logps: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 100.0,
+    n_tokens: Tensor | float | None = None,
+    chunk_size: int = 1024,
+) -> StudentLoss:
+    """student_loss_chunked (Eq. 11 = Eq. 7 + alpha * Eq. 10) by the fused head: same arguments and result.
+
+    Eq. 11 is linear in each position's (log pi_s(y_t), KL_t) with known coefficients (-1 / N and
+    alpha * w_i / N, 0 where masked), which is what the fused head needs to differentiate in the forward.
+    """
+    B, T, D = hidden.shape
+    y, m = _shifted_targets(labels)
+    dtype = _compute_dtype(hidden, weight)
+    ids, p_lp = _clean_topk(topk_ids, topk_logps, m, dtype)
+    n = _divisor(n_tokens, labels)
+    w = torch.ones(B, dtype=dtype, device=hidden.device) if weights is None else weights.detach().to(dtype)
+    mf = m.to(dtype)
+    coef = torch.stack([-mf, alpha * w.unsqueeze(-1) * mf], -1).reshape(-1, 2) / n  # d L_Student / d (lp, KL)
+    k = ids.shape[-1]
+    s, out = _FusedHead.apply(hidden[:, :-1].reshape(-1, D), weight, coef, _student_cols, chunk_size,
+                              y.reshape(-1), ids.reshape(-1, k), p_lp.reshape(-1, k))
+    lp = out[:, 0].view(B, T - 1).masked_fill(~m, 0.0)
+    kl_seq = out[:, 1].view(B, T - 1).masked_fill(~m, 0.0).sum(-1)
+    nll = -lp.sum() / n
+    wkl = (w * kl_seq).sum() / n
+    loss = s.masked_fill(~m.reshape(-1), 0.0).sum()  # = nll + alpha * wkl, differentiable
+    return StudentLoss(loss, nll, wkl, kl_seq)
+
+
+# ---------------------------------------------------------------------------------------------------
 # cache layout helpers (host side, for writing/reading the proxy cache; not for the training step)
 
 

@@ -3,6 +3,7 @@ torch.distributions, F.cross_entropy). fp64 wherever values are compared tightly
 
 import math
 import multiprocessing as mp
+import weakref
 
 import pytest
 import torch
@@ -396,16 +397,18 @@ def test_student_loss_matches_definition():
     torch.testing.assert_close(plain.loss, (nll + 2.0 * kl.sum()) / n)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_masked_positions_contribute_nothing(chunked):
+@pytest.mark.parametrize("head", ["full", "chunked", "fused"])
+def test_masked_positions_contribute_nothing(head):
     g, labels, hidden, W, ids, lps, weights = _student_setup(12)
     B, V = labels.shape[0], W.shape[0]
     keep = torch.cat([pk.response_mask(labels), torch.zeros(B, 1, dtype=torch.bool)], 1)  # (B, T)
 
     def run(h, ids_, lps_):
         h = h.detach().requires_grad_()
-        if chunked:
+        if head == "chunked":
             out = pk.student_loss_chunked(h, W.detach(), labels, ids_, lps_, weights, chunk_size=5)
+        elif head == "fused":
+            out = pk.student_loss_fused(h, W.detach(), labels, ids_, lps_, weights, chunk_size=5)
         else:
             out = pk.student_loss(h @ W.detach().T, labels, ids_, lps_, weights)
         out.loss.backward()
@@ -456,6 +459,64 @@ def test_chunked_equals_unchunked_values_and_grads():
     torch.testing.assert_close(seq_c, pk.sequence_logps(hidden @ W.T, labels))
 
 
+@pytest.mark.parametrize("trainable_w", [False, True])
+def test_fused_equals_reference_values_and_grads(trainable_w):
+    """The fused head (gradients taken in the forward) against the full-logits losses, fp64: values, and
+    gradients wrt hidden and (when it requires grad) W, under upstream gradients that differ per position
+    (pow(2), DPO) so a wrong per-row scale could not hide behind a plain sum."""
+    _, labels, hidden, W, ids, lps, weights = _student_setup(17)
+    W = W.detach().requires_grad_(trainable_w)
+    B = hidden.shape[0]
+    ref_logps = torch.randn(2, B, dtype=F64)
+    wrt = (hidden, W) if trainable_w else (hidden,)
+
+    def grads(out):
+        return (out,) + torch.autograd.grad(out, wrt)
+
+    def dpo(lp):
+        return pk.dpo_loss(lp, lp.flip(0), *ref_logps)[0].sum()
+
+    for chunk in (1, 5, 7, 1000):  # 1000 > B*(T-1): a single chunk
+        pairs = [
+            (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
+             lambda: pk.token_logps_fused(hidden, W, labels, chunk).pow(2).sum()),
+            (lambda: dpo(pk.sequence_logps(hidden @ W.T, labels)),
+             lambda: dpo(pk.sequence_logps_fused(hidden, W, labels, chunk))),
+            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights, alpha=3.0, n_tokens=11.0).loss,
+             lambda: pk.student_loss_fused(hidden, W, labels, ids, lps, weights, 3.0, 11.0, chunk).loss),
+            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps).loss,
+             lambda: pk.student_loss_fused(hidden, W, labels, ids, lps, chunk_size=chunk).loss),
+        ]
+        for ref_f, fused_f in pairs:
+            for a, b in zip(grads(ref_f()), grads(fused_f())):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        ref = pk.student_loss(hidden @ W.T, labels, ids, lps, weights)
+        out = pk.student_loss_fused(hidden, W, labels, ids, lps, weights, chunk_size=chunk)
+        for a, b in zip(ref, out):
+            torch.testing.assert_close(b, a.detach(), rtol=1e-10, atol=1e-12)
+        assert not (out.nll.requires_grad or out.wkl.requires_grad or out.kl.requires_grad)
+    with torch.no_grad():  # no gradient wanted: values only
+        torch.testing.assert_close(pk.sequence_logps_fused(hidden, W, labels, 4), pk.sequence_logps(hidden @ W.T, labels))
+
+
+def test_fused_bf16_matmuls_fp32_losses():
+    """bf16 hidden / weight: the logits matmul runs in bf16 (as transformers computes logits), everything
+    after it in fp32; the gradient wrt hidden comes back in bf16 and close to the fp64 one."""
+    g = torch.Generator().manual_seed(18)
+    B, T, V, D = 2, 9, 50, 16
+    h = torch.randn(B, T, D, generator=g).bfloat16().requires_grad_()
+    W = torch.randn(V, D, generator=g).bfloat16()
+    labels = make_labels(g, [(1, 9), (2, 7)], T, V)
+    out = pk.sequence_logps_fused(h, W, labels, chunk_size=4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pk.sequence_logps((h @ W.T).float(), labels), rtol=1e-6, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    h64 = h.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(pk.sequence_logps(h64 @ W.double().T, labels).sum(), h64)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
+
+
 def test_chunked_bf16_inputs_are_upcast():
     g = torch.Generator().manual_seed(14)
     B, T, V, D = 2, 6, 50, 16
@@ -473,22 +534,26 @@ def test_chunked_keeps_no_vocab_sized_tensor_for_backward():
     V = W.shape[0]
 
     def saved_shapes(f):
-        shapes = []
-        pack = lambda t: shapes.append(tuple(t.shape)) or t
+        """Shapes of the tensors the result's graph still holds for its backward (the fused head's
+        forward builds and frees a graph of its own per chunk: those are not kept)."""
+        saved = []
+        pack = lambda t: saved.append(weakref.ref(t)) or t
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            f()
-        return shapes
+            out = f()  # noqa: F841 (keeps the graph alive)
+        return [tuple(r().shape) for r in saved if r() is not None]
 
     unchunked = saved_shapes(lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss)
     chunked = saved_shapes(
         lambda: pk.student_loss_chunked(hidden, W, labels, ids, lps, weights, chunk_size=4).loss
     )
+    fused = saved_shapes(lambda: pk.student_loss_fused(hidden, W.detach(), labels, ids, lps, weights, chunk_size=4).loss)
     assert any(s and s[-1] == V for s in unchunked)  # the probe sees full logits when they are kept
     assert chunked and not any(s and s[-1] == V for s in chunked)
+    assert fused and not any(s and s[-1] == V for s in fused)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_gradient_accumulation_equals_big_batch(chunked):
+@pytest.mark.parametrize("head", ["full", "chunked", "fused"])
+def test_gradient_accumulation_equals_big_batch(head):
     g = torch.Generator().manual_seed(16)
     V, D, k = 14, 5, 3
     E = torch.randn(V, D, generator=g, dtype=F64, requires_grad=True)  # a one-layer "model"
@@ -502,8 +567,10 @@ def test_gradient_accumulation_equals_big_batch(chunked):
 
     def loss(tokens, labels, ids, lps, w, n):
         h = E[tokens]
-        if chunked:
+        if head == "chunked":
             return pk.student_loss_chunked(h, W, labels, ids, lps, w, alpha=100.0, n_tokens=n, chunk_size=4)
+        if head == "fused":  # W trainable: its gradient takes the recompute path
+            return pk.student_loss_fused(h, W, labels, ids, lps, w, alpha=100.0, n_tokens=n, chunk_size=4)
         return pk.student_loss(h @ W.T, labels, ids, lps, w, alpha=100.0, n_tokens=n)
 
     n = sum(pk.num_response_tokens(m[1]) for m in micro)  # the step's global token count

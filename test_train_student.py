@@ -250,7 +250,7 @@ def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
     with torch.no_grad():
         for m, b in zip(micro, batches):
             h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
-            logits = h.float() @ w.float().T  # (B, T, V) fp32, as the chunked loss computes it
+            logits = (h @ w.T).float()  # (B, T, V): bf16 matmul, fp32 loss, as the fused head computes it
             top_ids, top_lps = pk.pad_topk(cache.rows(m), b["labels"])
             out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()

@@ -658,7 +658,7 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
         rej = [rejected_example(e, y, tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e, y in zip(encs, y_hat)]
         batch = data.collate(encs + rej, tok.pad_id)  # rows [y_1..y_B; y_hat_1..y_hat_B]
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        lp = model(input_ids, head_fn=lambda h, w: pk.sequence_logps_chunked(h, w, labels, cfg.chunk_size))
+        lp = model(input_ids, head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
         ref_c.append(lp[: len(ids)].float().cpu())
         ref_r.append(lp[len(ids) :].float().cpu())
         ids_all += ids
@@ -756,13 +756,13 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
         rewards = torch.zeros(4, dtype=torch.float64, device=device)
         if dpo:
             # one forward over [y; y_hat]: the chosen half serves both Eq. 3 and Eq. 4
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.sequence_logps_chunked(h, w, labels, cfg.chunk_size))
+            lp = model(b["input_ids"], head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
             out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], n_tokens, cfg.beta, n_pairs)
             loss, nll, pref = out.loss, out.nll, out.pref
             rc, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
             rewards += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(), torch.ones_like(rc).sum()])
         else:
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.token_logps_chunked(h, w, labels, cfg.chunk_size))
+            lp = model(b["input_ids"], head_fn=lambda h, w: pk.token_logps_fused(h, w, labels, cfg.chunk_size))
             loss = -lp.sum() / n_tokens  # Eq. 3, this micro-batch's share of the step's mean
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()

@@ -447,12 +447,12 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     for b in batches:
         labels = b["labels"]
         if cache is None:
-            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_chunked(h, w, labels, cfg.chunk_size).sum() / n_tokens)
+            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
             top_ids, top_lps = pk.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
             w = None if weights is None else torch.tensor([weights[i] for i in b["ids"]], device=device)
-            out = model(b["input_ids"], head_fn=lambda h, wt: pk.student_loss_chunked(
+            out = model(b["input_ids"], head_fn=lambda h, wt: pk.student_loss_fused(
                 h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()

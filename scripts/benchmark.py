@@ -21,6 +21,19 @@ MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). Training FLOPs per tok
 plus the input-gradient half of the backward; the frozen base needs no weight gradients) + 12 * L * T * d
 (attention scores and values, forward + backward, without the causal discount); decode 2 * N.
 Writes a markdown table to stdout and --out (JSON with the same numbers next to it).
+
+    python scripts/benchmark.py --compare_hf --configs mid     # ours vs transformers + peft, same process
+
+--compare_hf (needs transformers and peft, which are not requirements: a scratch virtualenv) builds
+transformers' LlamaForCausalLM (SDPA attention) with the same random base weights and peft LoRA with the
+same r, alpha and targets (peft keeps the adapters in fp32 on a bf16 base, as we do), the same optimizer,
+batch and prompt mask, and times side by side, interleaved (ours, theirs, ours, ...) so that contention on
+a shared machine hits both alike, --repeats times; the table shows medians and their ratio:
+  stage-1 NLL      ours: train_proxy.train_step (Eq. 3); theirs: model(input_ids, labels=labels).loss.
+  stage-2 NLL+DPO  ours: train_step over [y; y_hat]; theirs: full logits -> proxykd.sequence_logps ->
+                   proxykd.proxy_loss (the same Eq. 6, from (2B, T, V) fp32 logits as TRL computes them).
+  student          ours: train_student.student_step; theirs: full logits -> proxykd.student_loss.
+  sampling         ours: model.generate; theirs: generate(do_sample=True, top_k=0), both B x new tokens.
 """
 
 import argparse
@@ -65,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
     p.add_argument("--prepass_world", type=int, default=2, help="ranks of the pre-pass comparison (0 = skip it)")
     p.add_argument("--prepass_only", action="store_true", help=argparse.SUPPRESS)  # the torchrun half
+    p.add_argument("--compare_hf", action="store_true",
+                   help="time transformers + peft side by side instead (see the module docstring)")
+    p.add_argument("--repeats", type=int, default=3, help="--compare_hf: interleaved rounds (median reported)")
     return p.parse_args(argv)
 
 
@@ -96,9 +112,10 @@ class Peak:
             return None
 
 
-def timed(fn, steps: int, device) -> float:
-    """Seconds per call of fn, after one untimed warm-up call."""
-    fn()
+def timed(fn, steps: int, device, warmup: bool = True) -> float:
+    """Seconds per call of fn, after one untimed warm-up call (unless warmup=False)."""
+    if warmup:
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -109,9 +126,9 @@ def timed(fn, steps: int, device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def lora_model(args: ModelArgs, dtype, device):
+def lora_model(args: ModelArgs, dtype, device, base: Llama | None = None):
     torch.manual_seed(0)
-    model = Llama(args).to(dtype)
+    model = Llama(args).to(dtype) if base is None else base
     lora.apply_lora(model, r=8, alpha=16)
     model.lora_config = dict(r=8, alpha=16, dropout=0.0, base="benchmark")
     model = tp.shard_model(model)
@@ -236,6 +253,111 @@ def prepass_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+# ---- --compare_hf: the same steps with transformers + peft ----
+
+
+def hf_lora_model(base: Llama, dtype, device):
+    """transformers LlamaForCausalLM with base's weights (copied) + peft LoRA r 8 / alpha 16 on the same
+    7 linears, and the same optimizer as lora_model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**base.args.to_hf_config())
+    config._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(config).to(dtype)
+    hf.load_state_dict(base.state_dict())
+    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(lora.TARGETS)))
+    hf.to(device).train()
+    opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
+    return hf, opt
+
+
+def hf_step(model, opt, loss_fn) -> None:
+    loss_fn(model).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
+    """Ours vs transformers + peft on one config and base dtype: one row per step, median tokens/s."""
+    import proxykd as pk
+    from transformers import GenerationConfig
+
+    spec = CONFIGS[name]
+    args = ModelArgs(**spec["args"])
+    s = spec["cuda" if device.type == "cuda" else "cpu"]
+    B, T, P, new = s["B"], s["T"], s["prompt"], s["new"]
+    torch.manual_seed(0)
+    base = Llama(args).to(dtype)
+    theirs, t_opt = hf_lora_model(base, dtype, device)
+    ours, o_opt = lora_model(args, dtype, device, base)
+
+    torch.manual_seed(1)
+    b1 = batch(B, T, P, args.vocab_size, device)  # stage 1: B sequences
+    b2 = batch(2 * B, T, P, args.vocab_size, device) | {"n": B}  # stage 2: [y; y_hat]
+    b2["ref_chosen"] = b2["ref_rejected"] = torch.zeros(B, device=device)
+    sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
+    cache = RandomCache(T - P, args.vocab_size)
+    weights = {i: 0.5 for i in range(B)}
+    top_ids, top_lps = pk.pad_topk(cache.rows(sb["ids"]), sb["labels"])
+    w = torch.full((B,), 0.5, device=device)
+    cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
+    prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
+    gen_cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
+                               min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+    prompt_ids = torch.tensor(prompts, device=device)
+
+    def their_dpo(m):
+        lp = pk.sequence_logps(m(input_ids=b2["input_ids"]).logits, b2["labels"])
+        n = pk.num_response_tokens(b2["labels"][:B])
+        return pk.proxy_loss(lp[:B], lp[B:], b2["ref_chosen"], b2["ref_rejected"], n, cfg.beta).loss
+
+    def their_student(m):
+        logits = m(input_ids=sb["input_ids"]).logits
+        return pk.student_loss(logits, sb["labels"], top_ids, top_lps, w, scfg.alpha).loss
+
+    def decode(ours_side: bool):
+        model = ours if ours_side else theirs
+        model.eval()
+        if ours_side:
+            generate(ours, prompts, new, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
+        else:
+            with torch.no_grad():
+                theirs.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=gen_cfg)
+        model.train()
+
+    steps = {  # name: (tokens per call, ours, theirs)
+        "stage-1 NLL step": (B * T, lambda: tp.train_step(ours, o_opt, [b1], 1, cfg, device),
+                             lambda: hf_step(theirs, t_opt, lambda m: m(input_ids=b1["input_ids"], labels=b1["labels"]).loss)),
+        "stage-2 NLL+DPO step": (2 * B * T, lambda: tp.train_step(ours, o_opt, [b2], 1, cfg, device),
+                                 lambda: hf_step(theirs, t_opt, their_dpo)),
+        "student NLL+KL step": (B * T, lambda: ts.student_step(ours, o_opt, [sb], cache, weights, 1, scfg, device),
+                                lambda: hf_step(theirs, t_opt, their_student)),
+        "sampling": (B * new, lambda: decode(True), lambda: decode(False)),
+    }
+    rows = []
+    for step, (n_tok, f_ours, f_theirs) in steps.items():
+        f_ours(), f_theirs()  # warm-up
+        ours_s, theirs_s = [], []
+        for _ in range(a.repeats):
+            ours_s.append(n_tok / timed(f_ours, a.steps, device, warmup=False))
+            theirs_s.append(n_tok / timed(f_theirs, a.steps, device, warmup=False))
+        o, t = sorted(ours_s)[len(ours_s) // 2], sorted(theirs_s)[len(theirs_s) // 2]
+        rows.append(dict(config=name, dtype=str(dtype).replace("torch.", ""), step=step, ours_tok_s=o, theirs_tok_s=t,
+                         ratio=o / t, ours_all=ours_s, theirs_all=theirs_s))
+        print(f"  {step}: ours {o:,.0f} theirs {t:,.0f} tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def compare_table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| config | base dtype | step | ours tok/s | transformers + peft tok/s | ratio |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['dtype']} | {r['step']} | {r['ours_tok_s']:,.0f} | {r['theirs_tok_s']:,.0f} "
+                     f"| {r['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()} (1 GPU), torch {torch.__version__}"
@@ -282,11 +404,20 @@ def main(argv=None) -> None:
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
             print(f"{name} {dt} ...", file=sys.stderr, flush=True)
-            rows.append(bench_config(name, getattr(torch, dt), device, a))
+            if a.compare_hf:
+                rows += compare_config(name, getattr(torch, dt), device, a)
+            else:
+                rows.append(bench_config(name, getattr(torch, dt), device, a))
     header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; one rank, LoRA r 8 on a frozen base, "
               f"{a.steps} timed steps")
-    md = table(rows, header)
-    world = a.prepass_world if device.type == "cpu" else min(a.prepass_world, torch.cuda.device_count())
+    if a.compare_hf:
+        import peft
+        import transformers
+
+        header += (f" per measurement, median of {a.repeats} interleaved; transformers {transformers.__version__}, "
+                   f"peft {peft.__version__}")
+    md = compare_table(rows, header) if a.compare_hf else table(rows, header)
+    world = 0 if a.compare_hf else a.prepass_world if device.type == "cpu" else min(a.prepass_world, torch.cuda.device_count())
     pre = []
     if world > 1:
         print(f"pre-pass at {world} ranks ...", file=sys.stderr, flush=True)
