@@ -282,21 +282,25 @@ def kv_cache_bytes(args: ModelArgs, rows: int, positions: int, itemsize: int, wo
 
 def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool, lora_r: int = 8) -> int:
     """Bytes the backward keeps for `tokens` (batch x length) positions through the blocks: a frozen
-    16-bit base with LoRA on every linear. Per token and layer, what autograd saves (the frozen linears
-    keep only their weights): per RMSNorm its fp32 input and rsqrt (4 D + 4); per LoRA linear an fp32
-    copy of its input (5 D for q/k/v/gate/up, H hd for o, F for down) and its A output (r); q, k, v
-    and the attention output (2 (H + G) hd in the base dtype), SDPA's log-sum-exp (H); gate, up and
-    silu outputs (3 F in the base dtype); once for all layers, the fp32 RoPE cos / sin (2 hd). With
-    activation checkpointing only each block's input is kept, plus one block recomputed during its
+    16-bit base with LoRA on every linear (lora.LoRALinear: the rank-r branch in the activations' dtype).
+    Per token and layer, what autograd saves (the frozen linears keep only their weights): per RMSNorm
+    its fp32 input and rsqrt (4 D + 4); the two norm outputs the LoRA branches read (2 D), the SwiGLU
+    product down_proj's LoRA reads (F) and the 7 A outputs (7 r), in the base dtype; q, k, v and the
+    attention output (2 (H + G) hd in the base dtype; o_proj's LoRA reads the latter as is: SDPA returns
+    it in (B, T, H, hd) layout, so the reshape is a view), SDPA's log-sum-exp (H); gate, up and silu
+    outputs (3 F in the base dtype); once for all layers, the fp32 RoPE cos / sin (2 hd). Per layer
+    whatever the token count: the base-dtype casts of each LoRA's A (r x in) and (alpha / r) B (out x r).
+    With activation checkpointing only each block's input is kept, plus one block recomputed during its
     backward."""
     D, F, hd = args.dim, args.hidden_dim, args.head_dim
     H, G = args.n_heads, args.n_kv_heads
-    per_layer = (2 * (4 * D + 4) + 4 * (5 * D + H * hd + F + 7 * lora_r) + itemsize * 2 * (H + G) * hd
+    per_layer = (2 * (4 * D + 4) + itemsize * (2 * D + F + 7 * lora_r) + itemsize * 2 * (H + G) * hd
                  + 4 * H + itemsize * 3 * F)
+    lora_casts = itemsize * lora_r * (7 * D + 2 * H * hd + 2 * G * hd + 3 * F)  # sum over the 7 linears of in + out
     rope = 4 * 2 * hd
     if checkpointing:
-        return (args.n_layers * itemsize * D + per_layer + rope) * tokens
-    return (args.n_layers * per_layer + rope) * tokens
+        return (args.n_layers * itemsize * D + per_layer + rope) * tokens + lora_casts
+    return (args.n_layers * per_layer + rope) * tokens + args.n_layers * lora_casts
 
 
 def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: int = 1) -> int:

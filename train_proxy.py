@@ -38,7 +38,7 @@ pre-pass samples with --sampler auto: "gathered" (the whole model on every GPU f
 rank decoding its own --gen_batch_size rows to their end) when the memory plan fits it in the GPU,
 else "tensor_parallel" (parallel.py: 1/N of every block per GPU, LoRA merged, all ranks decoding
 --gen_batch_size rows together). For the 70B proxy on 8 x 80 GB auto picks tensor_parallel: about
-39 GiB per GPU at --gen_batch_size 32, the train step about 28 GiB. Print the plan first, from
+39 GiB per GPU at --gen_batch_size 32, the train step about 27 GiB. Print the plan first, from
 config.json and the flags, without loading any weight (--plan_world_size: GPUs to plan for,
 --gpu_memory_gib: their memory; a phase over 90% of it is flagged):
 
