@@ -4,25 +4,16 @@ what is checked is that every row is produced from real runs and that the table 
 
 import json
 import os
-import signal
 import subprocess
 import sys
+
+from test_train_proxy import run_in_session
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # a session of its own, so a timeout kills the demo's training runs too, not only the demo
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    p = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    p = run_in_session([sys.executable, *args], {**os.environ, "PYTHONUNBUFFERED": "1"}, timeout)
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
     return p
 

@@ -29,12 +29,16 @@ def launch(args: list[str], nproc: int = 2, script: str = "train_proxy.py", env:
     uses it too); `env` adds environment variables."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    # a session of its own, so a hang is killed with every rank (not torchrun alone, leaving ranks spinning)
+    return run_in_session(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}, TIMEOUT)
+
+
+def run_in_session(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own, so a timeout kills every process the command started
+    (torchrun's ranks, the demo's training runs), not the command alone, leaving the rest spinning."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=TIMEOUT)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
