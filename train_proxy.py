@@ -589,7 +589,7 @@ def memory_plan(cfg: Config, world: int) -> parallel.Plan:
     args = ModelArgs.from_hf_config(read_hf_config(cfg.base))
     return parallel.plan_proxy(
         args, world, base_itemsize=getattr(torch, cfg.base_dtype).itemsize, lora_r=cfg.lora_r,
-        batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size or cfg.batch_size,
+        batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size,
         max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
         activation_checkpointing=cfg.activation_checkpointing, budget=parallel.gpu_budget(cfg.gpu_memory_gib))
 
@@ -879,7 +879,8 @@ def main(argv=None) -> None:
         sums = train_step(model, optimizer, batches, world, cfg, device)
         step += 1
         after_step("warmup", 0, sums, stage_end=j == len(warm_steps) - 1)
-    provenance = data_provenance(cfg.data, cfg.split_seed, len(examples), tok)
+    # rank 0 alone writes final/ (save_final), so only it hashes the data file
+    provenance = data_provenance(cfg.data, cfg.split_seed, len(examples), tok) if rank == 0 else None
     if warm_steps and step == len(warm_steps):  # the warmed-up proxy ("-align" ablation)
         save_final(os.path.join(cfg.out, "warmup"), model, cfg.tokenizer, cfg, provenance=provenance)
 

@@ -527,7 +527,8 @@ def main(argv=None) -> None:
         except (ValueError, OSError) as e:
             fail(rank, f"proxy {cfg.proxy} and student {cfg.base} must share the tokenizer and vocabulary: {e}")
         # D_s must be data the proxy never trained on (its soft labels and Eq. 9 weights assume it)
-        problem, note = check_provenance(cfg, len(examples), tok)
+        # rank 0 hashes the data file once and tells the others: every rank stops alike on a mismatch
+        problem, note = agree(check_provenance(cfg, len(examples), tok) if rank == 0 else None)
         if problem:
             fail(rank, problem)
         if note:
