@@ -331,15 +331,9 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16, device="cpu") -> "Llama":
         """path/config.json + path/model.safetensors (or model.safetensors.index.json and its shards)."""
         args = ModelArgs.from_hf_config(read_hf_config(path))
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
         sd = {}
-        for name in files:
-            with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
+        for file in sorted(set(weight_files(path).values())):
+            with safe_open(file, framework="pt", device=str(device)) as f:
                 for k in f.keys():
                     if k.endswith("rotary_emb.inv_freq"):  # stored by old HF versions; recomputed here
                         continue
@@ -382,30 +376,51 @@ class Llama(nn.Module):
                 size = 0
             shards[-1][k] = v
             size += nbytes
-        if len(shards) == 1:
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = shard_file_names(len(shards))
         for name, shard in zip(names, shards):
             save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})  # HF needs "format"
-        dtype_name = str(next(iter(sd.values())).dtype).split(".")[-1]
-        config = {**self.args.to_hf_config(), "torch_dtype": dtype_name, "dtype": dtype_name}  # old, new HF key
-        _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2) + "\n")
-        index = os.path.join(path, "model.safetensors.index.json")
-        for name in names[1:] if len(names) > 1 else []:
-            os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
-        if len(names) == 1:
-            os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-            if os.path.exists(index):  # a previous sharded save would otherwise take precedence on load
-                os.remove(index)
-        else:
-            os.replace(os.path.join(path, names[0] + ".tmp"), os.path.join(path, names[0]))
-            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
-            if os.path.exists(os.path.join(path, "model.safetensors")):
-                os.remove(os.path.join(path, "model.safetensors"))
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        commit_shards(path, self.args, next(iter(sd.values())).dtype, names, weight_map, total)
+
+
+def weight_files(path: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file holding it, in an HF-format checkpoint dir (model.safetensors,
+    or model.safetensors.index.json and its shards)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    file = os.path.join(path, "model.safetensors")
+    with safe_open(file, framework="pt") as f:
+        return {k: file for k in f.keys()}
+
+
+def shard_file_names(n: int) -> list[str]:
+    """HF's names of a checkpoint's n safetensors files."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def commit_shards(path: str, args: ModelArgs, dtype: torch.dtype, names: list[str], weight_map: dict[str, str],
+                  total: int) -> None:
+    """Finish an HF-format save whose files `names` were written as <name>.tmp: config.json, then the
+    files renamed into place, the index / single file last, so a crash leaves the previous checkpoint
+    loadable; a leftover of the other layout from an earlier save (which would take precedence on load,
+    or be read with the wrong tensors) is removed. weight_map: tensor name -> file; total: bytes."""
+    dtype_name = str(dtype).split(".")[-1]
+    config = {**args.to_hf_config(), "torch_dtype": dtype_name, "dtype": dtype_name}  # old, new HF key
+    _atomic_write_text(os.path.join(path, "config.json"), json.dumps(config, indent=2) + "\n")
+    index = os.path.join(path, "model.safetensors.index.json")
+    for name in names[1:] + names[:1]:
+        os.replace(os.path.join(path, name + ".tmp"), os.path.join(path, name))
+    if len(names) == 1:
+        if os.path.exists(index):
+            os.remove(index)
+    else:
+        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2) + "\n")
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            os.remove(os.path.join(path, "model.safetensors"))
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -11,7 +11,6 @@ norm and lm_head are replicated (1 GB at 70B), so the logits are whole on every 
 train_proxy.py and train_student.py import this module; the FSDP2 plumbing stays in train_proxy.py.
 """
 import dataclasses
-import json
 import math
 import os
 
@@ -21,7 +20,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import Llama, ModelArgs, _atomic_write_text, generate
+from model import Llama, ModelArgs, commit_shards, generate, read_hf_config, shard_file_names, weight_files
 
 # linears split by output rows (heads / SwiGLU units) and by input columns; see the module docstring
 ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -129,17 +128,6 @@ def tp_generate(tp: Llama, prompts: list[list[int]], gen_batch_size: int, max_ne
 # per-rank streaming of safetensors checkpoints
 
 
-def weight_files(ckpt_dir: str) -> dict[str, str]:
-    """Tensor name -> the safetensors file holding it (model.safetensors or a sharded index)."""
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return {k: os.path.join(ckpt_dir, v) for k, v in json.load(f)["weight_map"].items()}
-    path = os.path.join(ckpt_dir, "model.safetensors")
-    with safe_open(path, framework="pt") as f:
-        return {k: path for k in f.keys()}
-
-
 def shard_rows(n: int, rank: int, world: int) -> slice:
     """Rows of dim 0 that FSDP2's Shard(0) gives `rank`: torch.chunk's split, ceil(n / world) per rank,
     the last ranks shorter or empty."""
@@ -185,8 +173,7 @@ def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float,
     never the whole model. Same layout as Llama.save_pretrained (config.json, model.safetensors or
     shards + index; .tmp files renamed into place, the index / single file last).
     lora_sd: "X.lora_A" / "X.lora_B" tensors keyed by parameter name (gather_lora_state)."""
-    with open(os.path.join(base_dir, "config.json")) as f:
-        args = ModelArgs.from_hf_config(json.load(f))
+    args = ModelArgs.from_hf_config(read_hf_config(base_dir))
     files = weight_files(base_dir)
     names = [k for k in files if not k.endswith("rotary_emb.inv_freq")
              and not (args.tie_word_embeddings and k == "lm_head.weight")]
@@ -200,8 +187,7 @@ def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float,
             n_shards, size = n_shards + 1, 0
         size += nbytes
         sizes.append(n_shards - 1)
-    shard_names = (["model.safetensors"] if n_shards == 1 else
-                   [f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)])
+    shard_names = shard_file_names(n_shards)
     shard, weight_map, total = {}, {}, 0
     for j, k in enumerate(names):
         with safe_open(files[k], framework="pt") as f:
@@ -215,20 +201,7 @@ def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float,
         if j == len(names) - 1 or sizes[j + 1] != sizes[j]:
             save_file(shard, os.path.join(out_dir, shard_names[sizes[j]] + ".tmp"), metadata={"format": "pt"})
             shard = {}
-    dtype_name = str(dtype).split(".")[-1]
-    config = {**args.to_hf_config(), "torch_dtype": dtype_name, "dtype": dtype_name}
-    _atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config, indent=2) + "\n")
-    index = os.path.join(out_dir, "model.safetensors.index.json")
-    for name in shard_names[1:]:
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    os.replace(os.path.join(out_dir, shard_names[0] + ".tmp"), os.path.join(out_dir, shard_names[0]))
-    if n_shards == 1:
-        if os.path.exists(index):  # a previous sharded save would otherwise take precedence on load
-            os.remove(index)
-    else:
-        _atomic_write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-        if os.path.exists(os.path.join(out_dir, "model.safetensors")):
-            os.remove(os.path.join(out_dir, "model.safetensors"))
+    commit_shards(out_dir, args, dtype, shard_names, weight_map, total)
 
 
 # ---------------------------------------------------------------------------------------------------
