@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import proxykd as pk
 from model import Llama, ModelArgs, commit_shards, generate, read_hf_config, shard_file_names, weight_files
 
 # linears split by output rows (heads / SwiGLU units) and by input columns; see the module docstring
@@ -81,20 +82,25 @@ def tensor_parallel_copy(model: Llama) -> Llama:
     with torch.device("meta"):
         tp = Llama(tp_args(model.args, world))
     sd = {}
-    model.unshard()  # the root unit: embeddings, final norm, lm_head (replicated)
+    fsdp = hasattr(model, "unshard")  # at one rank shard_model leaves the model plain
+    if fsdp:
+        model.unshard()  # the root unit: embeddings, final norm, lm_head (replicated)
     sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
     sd["model.norm.weight"] = model.model.norm.weight.detach().clone()
     sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    model.reshard()
+    if fsdp:
+        model.reshard()
     for i, block in enumerate(model.model.layers):
-        block.unshard()
+        if fsdp:
+            block.unshard()
         for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:
                 sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
-        block.reshard()
+        if fsdp:
+            block.reshard()
     tp.load_state_dict(sd, assign=True)
     if tp.args.tie_word_embeddings:
         tp.lm_head.weight = tp.model.embed_tokens.weight
@@ -160,7 +166,8 @@ def load_fsdp_shards(model: nn.Module, ckpt_dir: str, host: dict[str, torch.Tens
             if files[name] not in handles:
                 handles[files[name]] = safe_open(files[name], framework="pt")
             src = handles[files[name]].get_slice(name)[rows]
-        local = p.to_local()  # this rank's rows of the DTensor, a view of FSDP2's sharded storage
+        # this rank's rows of the DTensor, a view of FSDP2's sharded storage (at one rank: the parameter)
+        local = p.to_local() if hasattr(p, "to_local") else p
         local.copy_(src.to(local.dtype))
 
 
@@ -282,9 +289,11 @@ def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: 
     return tokens * (4 * args.hidden_dim // world * itemsize + 3 * args.dim * 4)
 
 
-def logits_chunk_bytes(args: ModelArgs, chunk: int) -> int:
-    """A chunked loss's (chunk, V) fp32 logits, their log-softmax and its gradient (proxykd *_chunked)."""
-    return 3 * chunk * args.vocab_size * 4
+def logits_chunk_bytes(args: ModelArgs, chunk: int, itemsize: int) -> int:
+    """The fused loss head's (chunk, V) blocks (proxykd._head_buffers): fp32 logits, plus the matmul's
+    output in the base dtype when that is not fp32. chunk 0: proxykd.default_chunk_size on a GPU."""
+    chunk = chunk or pk.default_chunk_size(args.vocab_size, "cuda")
+    return chunk * args.vocab_size * (4 + (itemsize if itemsize != 4 else 0))
 
 
 @dataclasses.dataclass
@@ -297,7 +306,7 @@ class Plan:
 
 
 def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: int = 8, batch_size: int = 4,
-               max_len: int = 1024, gen_batch_size: int = 32, max_new_tokens: int = 512, chunk_size: int = 1024,
+               max_len: int = 1024, gen_batch_size: int = 32, max_new_tokens: int = 512, chunk_size: int = 0,
                activation_checkpointing: bool = False, budget: int = 0) -> Plan:
     """train_proxy.py's phases on each of `world` GPUs. Training forwards [y; y_hat]: 2 x batch_size
     sequences of max_len. The decode KV cache is sized for a full prompt (max_len) + max_new_tokens."""
@@ -316,7 +325,7 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         "unsharded root + 2 blocks (training)": gathered_units,
         "activations, no checkpointing": activation_bytes(args, tokens, base_itemsize, False, lora_r),
         "activations, checkpointing": activation_bytes(args, tokens, base_itemsize, True, lora_r),
-        "loss logits chunk": logits_chunk_bytes(args, chunk_size),
+        "loss logits chunk": logits_chunk_bytes(args, chunk_size, base_itemsize),
         "gathered decode: whole model": (_root_params(args) + args.n_layers * _block_params(args)) * base_itemsize + lora_full,
         "gathered decode: KV cache": kv_cache_bytes(args, gen_batch_size, positions, base_itemsize),
         "gathered decode: prefill": forward_transient_bytes(args, gen_batch_size * max_len, base_itemsize),
@@ -348,7 +357,7 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
 
 def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, proxy_itemsize: int = 2,
                  base_itemsize: int = 2, lora_r: int = 8, batch_size: int = 4, max_len: int = 1024,
-                 cache_batch_size: int = 8, chunk_size: int = 1024, activation_checkpointing: bool = False) -> Plan:
+                 cache_batch_size: int = 8, chunk_size: int = 0, activation_checkpointing: bool = False) -> Plan:
     """train_student.py's phases on each of `world` GPUs: the cache build (frozen proxy shard, no grad)
     and the student's training step (batch_size sequences of max_len). proxy None: --alpha 0."""
     items, phases = {}, {}
@@ -356,7 +365,8 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
         items["proxy shard"] = sum(fsdp_param_bytes(s, world, proxy_itemsize) for s in param_shapes(proxy).values())
         items["proxy unsharded root + 2 blocks"] = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
         items["cache build: forward"] = forward_transient_bytes(proxy, cache_batch_size * max_len, proxy_itemsize)
-        items["cache build: logits chunk"] = 2 * chunk_size * proxy.vocab_size * 4  # fp32 logits + log-softmax
+        chunk = chunk_size or pk.default_chunk_size(proxy.vocab_size, "cuda")
+        items["cache build: logits chunk"] = 2 * chunk * proxy.vocab_size * 4  # fp32 logits + log-softmax
         phases["cache build"] = sum(items.values())
     shapes = param_shapes(student, lora_r)
     frozen = sum(fsdp_param_bytes(s, world, base_itemsize) for k, s in shapes.items() if ".lora_" not in k)
@@ -368,7 +378,7 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
                                                   + 2 * _lora_params(student, lora_r) * 4 // student.n_layers)
     items["student activations, no checkpointing"] = activation_bytes(student, tokens, base_itemsize, False, lora_r)
     items["student activations, checkpointing"] = activation_bytes(student, tokens, base_itemsize, True, lora_r)
-    items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size)
+    items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize)
     act = items["student activations, checkpointing" if activation_checkpointing else "student activations, no checkpointing"]
     phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"] + act
                               + items["student loss logits chunk"])

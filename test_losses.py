@@ -459,12 +459,13 @@ def test_chunked_equals_unchunked_values_and_grads():
     torch.testing.assert_close(seq_c, pk.sequence_logps(hidden @ W.T, labels))
 
 
+@pytest.mark.parametrize("k", [4, 15])  # 15 = V: no tail bucket
 @pytest.mark.parametrize("trainable_w", [False, True])
-def test_fused_equals_reference_values_and_grads(trainable_w):
+def test_fused_equals_reference_values_and_grads(trainable_w, k):
     """The fused head (gradients taken in the forward) against the full-logits losses, fp64: values, and
     gradients wrt hidden and (when it requires grad) W, under upstream gradients that differ per position
     (pow(2), DPO) so a wrong per-row scale could not hide behind a plain sum."""
-    _, labels, hidden, W, ids, lps, weights = _student_setup(17)
+    _, labels, hidden, W, ids, lps, weights = _student_setup(17, V=15, k=k)
     W = W.detach().requires_grad_(trainable_w)
     B = hidden.shape[0]
     ref_logps = torch.randn(2, B, dtype=F64)
@@ -497,6 +498,33 @@ def test_fused_equals_reference_values_and_grads(trainable_w):
         assert not (out.nll.requires_grad or out.wkl.requires_grad or out.kl.requires_grad)
     with torch.no_grad():  # no gradient wanted: values only
         torch.testing.assert_close(pk.sequence_logps_fused(hidden, W, labels, 4), pk.sequence_logps(hidden @ W.T, labels))
+
+
+def test_fused_tail_bucket_when_student_is_peaked():
+    """The fused head sums the tail's probability directly rather than as 1 - sum_k q: a student that puts
+    all but ~e^-60 of its mass on the k cached ids still gets Eq. 8's tail term and its gradient right in
+    fp32, where 1 - sum_k q would be 0 and the KL infinite."""
+    g = torch.Generator().manual_seed(19)
+    B, T, V, k = 2, 6, 40, 3
+    labels = make_labels(g, [(1, 6), (2, 5)], T, V)
+    _, ids, lps = random_topk(g, B, T - 1, V, k)
+    logits = torch.randn(B, T, V, generator=g, dtype=F64)
+    logits[:, :-1].scatter_add_(-1, ids.long(), torch.full(ids.shape, 60.0, dtype=F64))
+    eye = torch.eye(V, dtype=F64)  # hidden = logits, W = I: the head's matmul is exact
+
+    def run(dtype):
+        h = logits.to(dtype).requires_grad_()
+        out = pk.student_loss_fused(h, eye.to(dtype), labels, ids, lps, chunk_size=4)
+        return out.loss, out.kl, torch.autograd.grad(out.loss, h)[0]
+
+    h64 = logits.clone().requires_grad_()
+    ref = pk.student_loss(h64 @ eye.T, labels, ids, lps)
+    ref_grad = torch.autograd.grad(ref.loss, h64)[0]
+    assert ref.kl.min() > 10  # the tail term dominates: p_tail * 60
+    loss, kl, grad = run(torch.float32)
+    torch.testing.assert_close(kl.double(), ref.kl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
 def test_fused_bf16_matmuls_fp32_losses():

@@ -160,7 +160,7 @@ class Config:
     base_dtype: str = "bfloat16"  # dtype of the frozen student base (paper: bf16); float32 for exactness tests
     merged_dtype: str = ""  # dtype of final/model.safetensors ("" = the base checkpoint's dtype)
     activation_checkpointing: bool = False  # recompute each block in backward (long sequences / big models)
-    chunk_size: int = 1024  # positions per fp32 (chunk, V) logits block inside the losses
+    chunk_size: int = 0  # positions per (chunk, V) logits block in the loss head (0: 1024 on a GPU, 16 MiB blocks on the CPU)
     eval_batch_size: int = 8  # examples per eval forward per rank
     eval_every: int = 0  # optimizer steps between held-out evals (0 = only before and after training)
     log_every: int = 1  # optimizer steps between metrics lines
@@ -413,7 +413,7 @@ def build_cache(cfg: Config, proxy, encoded: dict, todo: list[int], digest: str,
         ids = mine[j * bs : (j + 1) * bs]
         b = make_batch(ids or todo[:1], encoded, pad_id, device)
         labels = b["labels"]
-        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
+        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size or None))
         if ids:
             rows = pk.topk_rows(top_ids.cpu(), top_lps.to(DTYPES[cfg.cache_dtype]).cpu(), labels.cpu())
             records += [(i, r_ids, r_lps, s) for i, (r_ids, r_lps), s in zip(ids, rows, seq.tolist())]
@@ -447,13 +447,13 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     for b in batches:
         labels = b["labels"]
         if cache is None:
-            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
+            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size or None).sum() / n_tokens)
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
             top_ids, top_lps = pk.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
             w = None if weights is None else torch.tensor([weights[i] for i in b["ids"]], device=device)
             out = model(b["input_ids"], head_fn=lambda h, wt: pk.student_loss_fused(
-                h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size))
+                h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size or None))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
         fwd = torch.tensor(float(b["n_fwd"]), dtype=torch.float64, device=device)

@@ -3,8 +3,8 @@
     python scripts/benchmark.py                   # tiny + mid configs; CPU here, CUDA when present
     python scripts/benchmark.py --configs tiny    # quick look
 
-Every number comes from the training scripts' own functions on a one-rank FSDP2 model (frozen base +
-fp32 LoRA r 8 on every linear), random weights and tokens:
+Every number comes from the training scripts' own functions on a one-rank model (train_proxy.shard_model,
+which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every linear), random weights and tokens:
   proxy step    train_proxy.train_step in stage 2: one forward / backward over [y; y_hat] (2B sequences)
                 for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
   student step  train_student.student_step: Eq. 11 = NLL + alpha * w * KL against a top-10 cache
