@@ -167,13 +167,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd), cos/sin (B, T, hd) fp32 -> x rotated, in x's dtype (rotation done in fp32).
+    """x (B, nh, T, hd), cos/sin (B, T, hd) -> x rotated, in their promoted dtype.
 
+    Llama.forward passes cos/sin in the activations' dtype, as transformers does, so a bf16 model rounds
+    as HF's does (and skips an fp32 round trip of q and k per layer: ~3% of a bf16 training step on CPU).
     Rotate-half (HF layout), not interleaved pairs (Meta's original): HF checkpoints permute q/k weights for
     it, so loading them needs no permutation."""
-    xf = x.float()
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class KVCache:
@@ -316,6 +317,7 @@ class Llama(nn.Module):
                 mask = (mask & attn_mask.bool()[:, None, None, :]) | (k_pos == q_pos)
 
         x = self.model.embed_tokens(tokens)  # (B, T, D)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
         if cache is not None:

@@ -268,7 +268,7 @@ def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing:
     product down_proj's LoRA reads (F) and the 7 A outputs (7 r), in the base dtype; q, k, v and the
     attention output (2 (H + G) hd in the base dtype; o_proj's LoRA reads the latter as is: SDPA returns
     it in (B, T, H, hd) layout, so the reshape is a view), SDPA's log-sum-exp (H); gate, up and silu
-    outputs (3 F in the base dtype); once for all layers, the fp32 RoPE cos / sin (2 hd). Per layer
+    outputs (3 F in the base dtype); once for all layers, the RoPE cos / sin (2 hd in the base dtype). Per layer
     whatever the token count: the base-dtype casts of each LoRA's A (r x in) and (alpha / r) B (out x r).
     With activation checkpointing only each block's input is kept, plus one block recomputed during its
     backward."""
@@ -277,7 +277,7 @@ def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing:
     per_layer = (2 * (4 * D + 4) + itemsize * (2 * D + F + 7 * lora_r) + itemsize * 2 * (H + G) * hd
                  + 4 * H + itemsize * 3 * F)
     lora_casts = itemsize * lora_r * (7 * D + 2 * H * hd + 2 * G * hd + 3 * F)  # sum over the 7 linears of in + out
-    rope = 4 * 2 * hd
+    rope = itemsize * 2 * hd
     if checkpointing:
         return (args.n_layers * itemsize * D + per_layer + rope) * tokens + lora_casts
     return (args.n_layers * per_layer + rope) * tokens + args.n_layers * lora_casts

@@ -188,6 +188,7 @@ def test_planned_activations_are_the_saved_tensors():
 
     cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), args.head_dim, args.rope_theta)
     x = model.model.embed_tokens(torch.randint(0, 64, (B, T))).detach().requires_grad_()
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # as Llama.forward passes them
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         for block in model.model.layers:
             x = block(x, cos, sin)
