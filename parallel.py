@@ -315,8 +315,10 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
     lora = sum(fsdp_param_bytes(s, world, 4) for k, s in shapes.items() if ".lora_" in k)
     lora_full = _lora_params(args, lora_r) * 4
     # FSDP2 holds the root unit (embeddings, lm_head) unsharded through a step and gathers up to two
-    # blocks at once (the running one and the prefetched next)
-    gathered_units = (_root_params(args) + 2 * _block_params(args)) * base_itemsize + 2 * lora_full // args.n_layers
+    # blocks at once (the running one and the prefetched next); a one-rank model is not sharded at all
+    gathered = int(world > 1)
+    gathered_units = gathered * ((_root_params(args) + 2 * _block_params(args)) * base_itemsize
+                                 + 2 * lora_full // args.n_layers)
     tokens = 2 * batch_size * max_len
     positions = max_len + max_new_tokens
     items = {
@@ -326,7 +328,8 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         "activations, no checkpointing": activation_bytes(args, tokens, base_itemsize, False, lora_r),
         "activations, checkpointing": activation_bytes(args, tokens, base_itemsize, True, lora_r),
         "loss logits chunk": logits_chunk_bytes(args, chunk_size, base_itemsize),
-        "gathered decode: whole model": (_root_params(args) + args.n_layers * _block_params(args)) * base_itemsize + lora_full,
+        "gathered decode: whole model": gathered * ((_root_params(args) + args.n_layers * _block_params(args))
+                                                    * base_itemsize + lora_full),
         "gathered decode: KV cache": kv_cache_bytes(args, gen_batch_size, positions, base_itemsize),
         "gathered decode: prefill": forward_transient_bytes(args, gen_batch_size * max_len, base_itemsize),
     }
@@ -363,7 +366,8 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
     items, phases = {}, {}
     if proxy is not None:
         items["proxy shard"] = sum(fsdp_param_bytes(s, world, proxy_itemsize) for s in param_shapes(proxy).values())
-        items["proxy unsharded root + 2 blocks"] = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
+        unsharded = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
+        items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
         items["cache build: forward"] = forward_transient_bytes(proxy, cache_batch_size * max_len, proxy_itemsize)
         chunk = chunk_size or pk.default_chunk_size(proxy.vocab_size, "cuda")
         items["cache build: logits chunk"] = 2 * chunk * proxy.vocab_size * 4  # fp32 logits + log-softmax
@@ -374,8 +378,9 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
     tokens = batch_size * max_len
     items["student frozen base shard"] = frozen
     items["student LoRA + grads + Adam"] = 4 * lora
-    items["student unsharded root + 2 blocks"] = ((_root_params(student) + 2 * _block_params(student)) * base_itemsize
-                                                  + 2 * _lora_params(student, lora_r) * 4 // student.n_layers)
+    unsharded = ((_root_params(student) + 2 * _block_params(student)) * base_itemsize
+                 + 2 * _lora_params(student, lora_r) * 4 // student.n_layers)
+    items["student unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
     items["student activations, no checkpointing"] = activation_bytes(student, tokens, base_itemsize, False, lora_r)
     items["student activations, checkpointing"] = activation_bytes(student, tokens, base_itemsize, True, lora_r)
     items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize)

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -425,3 +426,13 @@ def test_bad_paths_give_one_line_errors(world, tmp_path, flag, value, what):
         lines = [line for line in p.stderr.splitlines() if what in line]
         assert len(lines) == 1 and value in lines[0], p.stderr[-3000:]
         assert f'File "{test_train_proxy.ROOT}' not in p.stderr  # no traceback through our code (torchrun prints its own)
+
+
+def test_plan_with_a_bad_base_is_one_line():
+    """--plan reads only config.json: a missing dir stops it with the same one-line error, no traceback."""
+    for script, extra in (("train_proxy.py", []), ("train_student.py", ["--proxy", "no/such/dir"])):
+        p = subprocess.run([sys.executable, script, "--plan", "--base", "no/such/dir", *extra],
+                           cwd=test_train_proxy.ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert p.stderr.strip().splitlines() == [f"{script}: bad input: no/such/dir: no such directory; expected an "
+                                                  "HF-format checkpoint dir (config.json + *.safetensors)"]

@@ -789,8 +789,12 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.plan:  # before any process group or weight: config.json and the flags only
         world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+        try:
+            plan = memory_plan(cfg, world)
+        except (ValueError, OSError, KeyError) as e:
+            fail(int(os.environ.get("RANK", 0)), f"bad input: {e}")
         if int(os.environ.get("RANK", 0)) == 0:
-            print(parallel.format_plan(memory_plan(cfg, world), f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"))
+            print(parallel.format_plan(plan, f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"))
         return
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (and for every world size)
