@@ -221,6 +221,24 @@ def test_world_size_1_matches_2(run_ws1, run_ws2):
         torch.testing.assert_close(a1[k], a2[k], rtol=1e-4, atol=1e-6)
 
 
+def test_checkpoint_layout_is_the_same_at_one_and_two_ranks(run_ws1, run_ws2):
+    """shard_model leaves a one-rank model plain and shards it with FSDP2 at two ranks; the checkpoints
+    must not tell the two apart (the same parameter names, shapes and optimizer layout), so a run can be
+    resumed at another world size."""
+    def latest(out):
+        d = os.path.join(out, "checkpoints")
+        with open(os.path.join(d, "latest")) as f:
+            return os.path.join(d, f.read().strip())
+
+    c1, c2 = latest(run_ws1), latest(run_ws2)
+    assert sorted(os.listdir(c1)) == sorted(os.listdir(c2))
+    a1, a2 = adapter(c1), adapter(c2)
+    assert {k: v.shape for k, v in a1.items()} == {k: v.shape for k, v in a2.items()} and a1
+    o1, o2 = (torch.load(os.path.join(c, "optimizer.pt"), weights_only=False) for c in (c1, c2))
+    assert [g["params"] for g in o1["param_groups"]] == [g["params"] for g in o2["param_groups"]]
+    assert all(isinstance(p, str) and p.endswith((".lora_A", ".lora_B")) for g in o1["param_groups"] for p in g["params"])
+
+
 def test_resume_matches_uninterrupted(world, run_sampled):
     """Stop inside round 1 (after its pre-pass), resume: same per-step losses and the same final
     adapter as the uninterrupted run, bitwise (same world size, deterministic CPU kernels)."""
