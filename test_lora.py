@@ -55,6 +55,22 @@ def test_bf16_base_fp32_adapter_forward_and_grads():
             assert p.grad.dtype == torch.float32
 
 
+def test_frozen_branch_equals_live_casts_until_thawed():
+    """freeze_branch (generate casts A and (alpha / r) B once per call) gives bitwise the per-forward
+    casts' logits, and after thaw_branch the layer reads its parameters again."""
+    model = with_random_lora(dtype=torch.bfloat16)
+    tokens = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        want = model(tokens)
+        for m in lora.lora_modules(model).values():
+            m.freeze_branch(torch.bfloat16)
+        assert torch.equal(model(tokens), want)
+        for m in lora.lora_modules(model).values():
+            m.thaw_branch()
+            m.lora_B.mul_(2)
+        assert not torch.equal(model(tokens), want)
+
+
 def test_merge_formula_and_idempotence():
     model = with_random_lora(r=4, alpha=6.0)
     m = model.model.layers[1].mlp.down_proj
