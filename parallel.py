@@ -328,8 +328,9 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         "activations, no checkpointing": activation_bytes(args, tokens, base_itemsize, False, lora_r),
         "activations, checkpointing": activation_bytes(args, tokens, base_itemsize, True, lora_r),
         "loss logits chunk": logits_chunk_bytes(args, chunk_size, base_itemsize),
+        # plus the LoRA factors generate casts to the base dtype once per call (lora.LoRALinear.freeze_branch)
         "gathered decode: whole model": gathered * ((_root_params(args) + args.n_layers * _block_params(args))
-                                                    * base_itemsize + lora_full),
+                                                    * base_itemsize + lora_full) + lora_full * base_itemsize // 4,
         "gathered decode: KV cache": kv_cache_bytes(args, gen_batch_size, positions, base_itemsize),
         "gathered decode: prefill": forward_transient_bytes(args, gen_batch_size * max_len, base_itemsize),
     }
