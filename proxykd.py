@@ -374,7 +374,7 @@ def student_loss(
 
 
 def default_chunk_size(vocab_size: int, device) -> int:
-    """Rows per (rows, V) fp32 logits block when a chunked / fused head is given chunk_size=None: 1024 on
+    """Rows per (rows, V) fp32 logits block when a chunked / fused head is given chunk_size None or 0: 1024 on
     accelerators; on the CPU as many rows as keep the block at 16 MiB, because glibc serves blocks over
     32 MiB with fresh mmap pages, page-faulted anew on every allocation. Measured on the benchmark's mid
     config (vocabulary 32,000, bf16): the head allocating per chunk 1.7-3x slower at 1024 rows than at
@@ -395,7 +395,7 @@ def _chunk_rows(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor,
 
 def _map_chunks(fn, chunk_size: int | None, h: Tensor, w: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
     """Apply fn(h_c, w, *rows_c) -> tuple of (n_c, ...) tensors to row chunks and concatenate.
-    chunk_size None: default_chunk_size."""
+    chunk_size None or 0: default_chunk_size."""
     n = h.shape[0]
     chunk_size = chunk_size or default_chunk_size(w.shape[0], h.device)
     grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
@@ -567,7 +567,8 @@ def _head_chunk(h: Tensor, w_mm: Tensor, dtype: torch.dtype, fn, y: Tensor, ids:
 class _FusedHead(torch.autograd.Function):
     """Per-position outputs of a linear head, with their hidden-state gradients taken in the forward.
 
-    forward(h (n, D), w (V, D), coef (n, m), fn, chunk_size, y (n,), ids (n, k) or None, *rows (n, ...))
+    forward(h (n, D), w (V, D), coef (n, m), fn, chunk_size (None or 0: default_chunk_size), y (n,),
+    ids (n, k) or None, *rows (n, ...))
     -> (s (n,), out (n, m)): out = fn(log q(y), log q(ids), log q(tail), *rows) chunk by chunk (see
     _head_chunk), s = (coef * out).sum(-1). Only s carries a gradient. Fixing how each row's m outputs
     combine (coef, constants) before the upstream gradient is known is what lets
@@ -580,6 +581,7 @@ class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, coef, fn, chunk_size, y, ids, *rows):
         need_h, need_w = ctx.needs_input_grad[:2]
+        chunk_size = chunk_size or default_chunk_size(w.shape[0], h.device)
         w_mm, dtype = w.to(torch.promote_types(h.dtype, w.dtype)), _compute_dtype(h, w)
         outs, dh, bufs = [], [], _head_buffers(min(chunk_size, h.shape[0]), w_mm, dtype)
         for s in range(0, max(h.shape[0], 1), chunk_size):
@@ -643,9 +645,8 @@ def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size
     (B, T-1) fp32, 0 where masked, up to the rounding of the matmuls in hidden's / weight's dtype."""
     B, T, _ = hidden.shape
     h, idx, y = _response_rows(hidden, labels)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     coef = torch.ones(h.shape[0], 1, dtype=_compute_dtype(hidden, weight), device=hidden.device)
-    lp, _ = _FusedHead.apply(h, weight, coef, _logp_cols, chunk, y, None)
+    lp, _ = _FusedHead.apply(h, weight, coef, _logp_cols, chunk_size, y, None)
     return _scatter_rows(lp, idx, B, T)
 
 
@@ -680,8 +681,7 @@ def student_loss_fused(
     n = _divisor(n_tokens, labels)
     w = torch.ones(B, dtype=dtype, device=hidden.device) if weights is None else weights.detach().to(dtype)
     coef = torch.stack([-torch.ones_like(p_lp[:, 0]), alpha * w[idx // (T - 1)]], -1) / n  # d Eq. 11 / d (lp, KL)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
-    s, out = _FusedHead.apply(h, weight, coef, _student_cols, chunk, y, ids, p_lp)
+    s, out = _FusedHead.apply(h, weight, coef, _student_cols, chunk_size, y, ids, p_lp)
     lp = _scatter_rows(out[:, 0], idx, B, T)
     kl_seq = _scatter_rows(out[:, 1], idx, B, T).sum(-1)
     nll = -lp.sum() / n

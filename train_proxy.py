@@ -668,7 +668,7 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
         rej = [rejected_example(e, y, tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e, y in zip(encs, y_hat)]
         batch = data.collate(encs + rej, tok.pad_id)  # rows [y_1..y_B; y_hat_1..y_hat_B]
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        lp = model(input_ids, head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size or None))
+        lp = model(input_ids, head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
         ref_c.append(lp[: len(ids)].float().cpu())
         ref_r.append(lp[len(ids) :].float().cpu())
         ids_all += ids
@@ -766,13 +766,13 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
         rewards = torch.zeros(4, dtype=torch.float64, device=device)
         if dpo:
             # one forward over [y; y_hat]: the chosen half serves both Eq. 3 and Eq. 4
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size or None))
+            lp = model(b["input_ids"], head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
             out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], n_tokens, cfg.beta, n_pairs)
             loss, nll, pref = out.loss, out.nll, out.pref
             rc, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
             rewards += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(), torch.ones_like(rc).sum()])
         else:
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.token_logps_fused(h, w, labels, cfg.chunk_size or None))
+            lp = model(b["input_ids"], head_fn=lambda h, w: pk.token_logps_fused(h, w, labels, cfg.chunk_size))
             loss = -lp.sum() / n_tokens  # Eq. 3, this micro-batch's share of the step's mean
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()
@@ -785,16 +785,24 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
     return sums
 
 
+def print_plan(cfg, memory_plan, title: str) -> None:
+    """--plan, before any process group or weight (config.json and the flags only): rank 0 prints
+    memory_plan(cfg, world) for --plan_world_size GPUs (default: this launch's world size); a bad path
+    stops every rank with one line, as the training run itself would."""
+    world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        plan = memory_plan(cfg, world)
+    except (ValueError, OSError, KeyError) as e:
+        fail(rank, f"bad input: {e}")
+    if rank == 0:
+        print(parallel.format_plan(plan, f"{title}, {world} GPUs"))
+
+
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    if cfg.plan:  # before any process group or weight: config.json and the flags only
-        world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
-        try:
-            plan = memory_plan(cfg, world)
-        except (ValueError, OSError, KeyError) as e:
-            fail(int(os.environ.get("RANK", 0)), f"bad input: {e}")
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(parallel.format_plan(plan, f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"))
+    if cfg.plan:
+        print_plan(cfg, memory_plan, f"train_proxy.py memory plan: {cfg.base}")
         return
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (and for every world size)

@@ -114,6 +114,7 @@ from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, me
     make_batch,
     make_optimizer,
     plan_steps,
+    print_plan,
     save_checkpoint,
     save_final,
     shard_model,
@@ -413,7 +414,7 @@ def build_cache(cfg: Config, proxy, encoded: dict, todo: list[int], digest: str,
         ids = mine[j * bs : (j + 1) * bs]
         b = make_batch(ids or todo[:1], encoded, pad_id, device)
         labels = b["labels"]
-        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size or None))
+        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
         if ids:
             rows = pk.topk_rows(top_ids.cpu(), top_lps.to(DTYPES[cfg.cache_dtype]).cpu(), labels.cpu())
             records += [(i, r_ids, r_lps, s) for i, (r_ids, r_lps), s in zip(ids, rows, seq.tolist())]
@@ -447,13 +448,13 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     for b in batches:
         labels = b["labels"]
         if cache is None:
-            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size or None).sum() / n_tokens)
+            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
             top_ids, top_lps = pk.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
             w = None if weights is None else torch.tensor([weights[i] for i in b["ids"]], device=device)
             out = model(b["input_ids"], head_fn=lambda h, wt: pk.student_loss_fused(
-                h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size or None))
+                h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
         fwd = torch.tensor(float(b["n_fwd"]), dtype=torch.float64, device=device)
@@ -487,15 +488,8 @@ def memory_plan(cfg: Config, world: int) -> parallel.Plan:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
-    if cfg.plan:  # before any process group or weight: config.json files and the flags only
-        world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
-        try:
-            plan = memory_plan(cfg, world)
-        except (ValueError, OSError, KeyError) as e:
-            fail(int(os.environ.get("RANK", 0)), f"bad input: {e}")
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(parallel.format_plan(plan, f"train_student.py memory plan: {cfg.base}, proxy "
-                                       f"{cfg.proxy if cfg.alpha else '(none)'}, {world} GPUs"))
+    if cfg.plan:
+        print_plan(cfg, memory_plan, f"train_student.py memory plan: {cfg.base}, proxy {cfg.proxy if cfg.alpha else '(none)'}")
         return
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank (and for every world size)
