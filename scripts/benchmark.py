@@ -34,6 +34,14 @@ a shared machine hits both alike, --repeats times; the table shows medians and t
                    proxykd.proxy_loss (the same Eq. 6, from (2B, T, V) fp32 logits as TRL computes them).
   student          ours: train_student.student_step; theirs: full logits -> proxykd.student_loss.
   sampling         ours: model.generate; theirs: generate(do_sample=True, top_k=0), both B x new tokens.
+On the CPU the ratios depend on glibc's allocator. By default it serves a block over its (adaptive) mmap
+threshold with fresh pages from the kernel, page-faulted and zeroed on every allocation, and transformers'
+(B, T, V) logits and fp32 copies of activations are such blocks: its step time then moves by up to 40%
+between runs. Run it twice to see both sides without that cost:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python scripts/benchmark.py --compare_hf ...
+
+The table header records the allocator settings of each run.
 """
 
 import argparse
@@ -367,7 +375,13 @@ def machine(device) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), {allocator()}"
+
+
+def allocator() -> str:
+    """The host allocator's settings, which move CPU numbers (see --compare_hf in the module docstring)."""
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    return "malloc " + (" ".join(tuned) if tuned else "glibc defaults")
 
 
 def table(rows: list[dict], header: str) -> str:
