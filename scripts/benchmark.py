@@ -34,10 +34,11 @@ a shared machine hits both alike, --repeats times; the table shows medians and t
                    proxykd.proxy_loss (the same Eq. 6, from (2B, T, V) fp32 logits as TRL computes them).
   student          ours: train_student.student_step; theirs: full logits -> proxykd.student_loss.
   sampling         ours: model.generate; theirs: generate(do_sample=True, top_k=0), both B x new tokens.
-On the CPU the ratios depend on glibc's allocator. By default it serves a block over its (adaptive) mmap
-threshold with fresh pages from the kernel, page-faulted and zeroed on every allocation, and transformers'
-(B, T, V) logits and fp32 copies of activations are such blocks: its step time then moves by up to 40%
-between runs. Run it twice to see both sides without that cost:
+On the CPU the ratios depend on glibc's allocator. By default it serves a large block that does not fit
+in free heap memory (above an adaptive threshold of at most 32 MiB) with fresh pages from the kernel,
+page-faulted and zeroed on every allocation. transformers' (B, T, V) logits are such blocks, so its step
+time moves by up to 40% between runs (ours allocates nothing that large). Run it again with freed memory
+kept in the process to compare the two without that cost:
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python scripts/benchmark.py --compare_hf ...
 
