@@ -42,7 +42,8 @@ kept in the process to compare the two without that cost:
 
     MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python scripts/benchmark.py --compare_hf ...
 
-The table header records the allocator settings of each run.
+The table header records the allocator settings of each run, and the table the minor page faults per call
+(medians), which show the effect directly.
 """
 
 import argparse
@@ -50,6 +51,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -119,6 +121,12 @@ class Peak:
             return kb / 2**20
         except (OSError, StopIteration):
             return None
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far: on the CPU, each is a fresh page the kernel mapped and
+    zeroed for an allocation (what --compare_hf's docstring is about)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def timed(fn, steps: int, device, warmup: bool = True) -> float:
@@ -345,25 +353,31 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
         "sampling": (B * new, lambda: decode(True), lambda: decode(False)),
     }
     rows = []
+    median = lambda xs: sorted(xs)[len(xs) // 2]
     for step, (n_tok, f_ours, f_theirs) in steps.items():
         f_ours(), f_theirs()  # warm-up
-        ours_s, theirs_s = [], []
+        ours_s, theirs_s, ours_f, theirs_f = [], [], [], []
         for _ in range(a.repeats):
+            f0 = minor_faults()
             ours_s.append(n_tok / timed(f_ours, a.steps, device, warmup=False))
+            f1 = minor_faults()
             theirs_s.append(n_tok / timed(f_theirs, a.steps, device, warmup=False))
-        o, t = sorted(ours_s)[len(ours_s) // 2], sorted(theirs_s)[len(theirs_s) // 2]
+            ours_f.append((f1 - f0) / a.steps)
+            theirs_f.append((minor_faults() - f1) / a.steps)
+        o, t = median(ours_s), median(theirs_s)
         rows.append(dict(config=name, dtype=str(dtype).replace("torch.", ""), step=step, ours_tok_s=o, theirs_tok_s=t,
-                         ratio=o / t, ours_all=ours_s, theirs_all=theirs_s))
+                         ratio=o / t, ours_all=ours_s, theirs_all=theirs_s,
+                         ours_faults=median(ours_f), theirs_faults=median(theirs_f)))
         print(f"  {step}: ours {o:,.0f} theirs {t:,.0f} tok/s", file=sys.stderr, flush=True)
     return rows
 
 
 def compare_table(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| config | base dtype | step | ours tok/s | transformers + peft tok/s | ratio |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [header, "", "| config | base dtype | step | ours tok/s | transformers + peft tok/s | ratio "
+             "| minor page faults per call, ours / theirs |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['config']} | {r['dtype']} | {r['step']} | {r['ours_tok_s']:,.0f} | {r['theirs_tok_s']:,.0f} "
-                     f"| {r['ratio']:.2f}x |")
+                     f"| {r['ratio']:.2f}x | {r['ours_faults']:,.0f} / {r['theirs_faults']:,.0f} |")
     return "\n".join(lines)
 
 
