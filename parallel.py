@@ -13,6 +13,7 @@ train_proxy.py and train_student.py import this module; the FSDP2 plumbing stays
 import dataclasses
 import math
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,20 @@ def _all_reduce_output(module: nn.Module, inputs, output: torch.Tensor) -> torch
     return output
 
 
+@contextmanager
+def _unsharded(unit: nn.Module):
+    """One FSDP2 unit's own parameters whole inside the block (collective), resharded on exit; a plain
+    module (at one rank shard_model leaves the model unsharded) as it is."""
+    fsdp = hasattr(unit, "unshard")
+    if fsdp:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        if fsdp:
+            unit.reshard()
+
+
 @torch.no_grad()
 def tensor_parallel_copy(model: Llama) -> Llama:
     """Collective. The FSDP2-sharded (LoRA) model `model` -> this rank's tensor-parallel Llama for
@@ -82,25 +97,18 @@ def tensor_parallel_copy(model: Llama) -> Llama:
     with torch.device("meta"):
         tp = Llama(tp_args(model.args, world))
     sd = {}
-    fsdp = hasattr(model, "unshard")  # at one rank shard_model leaves the model plain
-    if fsdp:
-        model.unshard()  # the root unit: embeddings, final norm, lm_head (replicated)
-    sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-    sd["model.norm.weight"] = model.model.norm.weight.detach().clone()
-    sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    if fsdp:
-        model.reshard()
+    with _unsharded(model):  # the root unit: embeddings, final norm, lm_head (replicated)
+        sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+        sd["model.norm.weight"] = model.model.norm.weight.detach().clone()
+        sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
     for i, block in enumerate(model.model.layers):
-        if fsdp:
-            block.unshard()
-        for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                           ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
-        if fsdp:
-            block.reshard()
+        with _unsharded(block):
+            for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                               ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+                for name in names:
+                    sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
     tp.load_state_dict(sd, assign=True)
     if tp.args.tie_word_embeddings:
         tp.lm_head.weight = tp.model.embed_tokens.weight
