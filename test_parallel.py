@@ -41,11 +41,11 @@ def worker(ckpt: str) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    import train_proxy as tp
+    import plumbing
 
-    rank, world, _ = tp.init_distributed()
+    rank, world, _ = plumbing.init_distributed()
     torch.manual_seed(0)
-    model = tp.shard_model(tp.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
+    model = plumbing.shard_model(plumbing.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
     # a trained-looking adapter: B != 0 (the same values on every rank, each keeps its rows)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -84,7 +84,7 @@ def worker(ckpt: str) -> None:
     got = parallel.tp_generate(tpm, PROMPTS[rank], 2, 8, eos_id=-1, pad_id=0, greedy=True)
     assert got == want, (rank, got, want)
     # an eos (rank 0's first row's third token) that ends some rows early: the shared decode stops together
-    eos = tp.agree(want[0][2])
+    eos = plumbing.agree(want[0][2])
     got = parallel.tp_generate(tpm, PROMPTS[rank], 3, 8, eos_id=eos, pad_id=0, greedy=True)
     assert got == [w[: w.index(eos)] if eos in w else w for w in want], rank
     # sampling: ranks with the same generator state draw the same tokens from their (all_reduced) logits
@@ -123,7 +123,7 @@ def worker(ckpt: str) -> None:
     assert probe() is None
     dist.barrier()
     print(f"ok {rank}", flush=True)
-    tp.finish(0)
+    plumbing.finish(0)
 
 
 def test_tensor_parallel_decode_loading_plan_and_free(tmp_path):

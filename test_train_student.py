@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import lora
+import plumbing
 import proxykd as pk
 import test_train_proxy
 import train_student as ts
@@ -37,9 +38,9 @@ def adapter(out: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
-def open_cache(cache_dir: str) -> ts.ProxyCache:
+def open_cache(cache_dir: str) -> plumbing.ProxyCache:
     with open(os.path.join(cache_dir, "meta.json")) as f:
-        return ts.ProxyCache(cache_dir, json.load(f))
+        return plumbing.ProxyCache(cache_dir, json.load(f))
 
 
 def save_model(path: str, vocab: int, seed: int, tok_path: str | None = None) -> str:
@@ -102,7 +103,7 @@ def fresh_proxy_rows(proxy: Llama, enc: dict) -> tuple[torch.Tensor, torch.Tenso
     return lp, y, lp.gather(-1, y[:, None]).sum().item()
 
 
-def assert_rows_are_proxy_topk(world: dict, cache: ts.ProxyCache, ids: list[int]) -> None:
+def assert_rows_are_proxy_topk(world: dict, cache: plumbing.ProxyCache, ids: list[int]) -> None:
     """Each cached row holds proxy A's k most likely tokens with their full-vocabulary log-probs (within
     fp16 rounding), in descending order. Tie-robust: the fresh log-probs of the cached ids, in cache
     order, are the sorted top-k values."""
@@ -164,7 +165,7 @@ def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
     partial = str(world["dir"] / "partial_cache")
     shutil.copytree(os.path.join(run_kd, "cache"), partial)
     os.remove(os.path.join(partial, "COMPLETE"))
-    parts = ts._part_files(partial)
+    parts = plumbing.part_files(partial)
     lost = parts[1]
     with safe_open(lost, framework="pt") as f:
         lost_ids = f.get_tensor("example_ids").tolist()
@@ -172,7 +173,7 @@ def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
     crashed = os.path.join(partial, ".tmp-000000000-1.tmp")
     with open(crashed, "wb") as f:
         f.write(b"half a part")
-    with pytest.raises(ts.CacheError, match="incomplete"):
+    with pytest.raises(plumbing.CacheError, match="incomplete"):
         open_cache(partial)
     kept = {p: os.stat(p).st_mtime_ns for p in parts if p != lost}
 
@@ -241,7 +242,7 @@ def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
     s = torch.tensor([cache.seq[i] for i in world["d_s"]], dtype=torch.float64)
     w_of = dict(zip(world["d_s"], torch.sigmoid((s - s.mean()) / s.std(unbiased=False)).tolist()))
     cfg = ts.Config(batch_size=2, grad_accum=1, seed=SEED)
-    micro = [m for r in range(2) for m in ts.plan_steps(world["d_s"], cfg, r, 2, range(1))[0]]
+    micro = [m for r in range(2) for m in plumbing.plan_steps(world["d_s"], cfg, r, 2, range(1))[0]]
     examples = data.read_jsonl(world["data"])
     tok = world["tok"]
     batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id) for m in micro]
@@ -252,7 +253,7 @@ def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
         for m, b in zip(micro, batches):
             h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
             logits = (h @ w.T).float()  # (B, T, V): bf16 matmul, fp32 loss, as the fused head computes it
-            top_ids, top_lps = pk.pad_topk(cache.rows(m), b["labels"])
+            top_ids, top_lps = plumbing.pad_topk(cache.rows(m), b["labels"])
             out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
     first = steps_of(run_kd)[0]
@@ -317,13 +318,13 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
 
         # brute force: one batch, full logits, the non-chunked losses
         batch = data.collate([encoded[i] for i in ids], tok.pad_id)
-        top_ids, top_lps = pk.pad_topk(cache.rows(ids), batch["labels"])
+        top_ids, top_lps = plumbing.pad_topk(cache.rows(ids), batch["labels"])
         w = torch.tensor([weights[i] for i in ids])
         ref = pk.student_loss(model(batch["input_ids"]), batch["labels"], top_ids, top_lps, w, 100.0)
         grads = torch.autograd.grad(ref.loss, list(params.values()))
 
         opt = torch.optim.SGD(list(params.values()), lr=1.0)
-        micro = [ts.make_batch(m, encoded, tok.pad_id, "cpu") | {"ids": m} for m in (ids[:3], ids[3:])]
+        micro = [plumbing.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
         sums = ts.student_step(model, opt, micro, cache, weights, 1, cfg, "cpu")
         for (n, p), g in zip(params.items(), grads):
             torch.testing.assert_close(start[n] - p.detach(), g, rtol=1e-4, atol=1e-6)
@@ -377,29 +378,27 @@ def test_provenance_guards_d_s(world, tmp_path):
     """A proxy's provenance.json (train_proxy.py) must describe this run's split: the same split seed and
     data file pass; another split seed or another file is a problem naming what differs; a proxy without
     provenance (a raw base, the -align ablation) only gets a note."""
-    import train_proxy as tp
-
     proxy = str(tmp_path / "proxy")
     shutil.copytree(world["proxy_a"], proxy)
     n = len(data.read_jsonl(world["data"]))
     cfg = ts.Config(data=world["data"], proxy=proxy, split_seed=SEED)
-    assert ts.check_provenance(cfg, n, world["tok"])[0] is None
-    assert "-align" in ts.check_provenance(cfg, n, world["tok"])[1]
+    assert plumbing.check_provenance(cfg, n, world["tok"])[0] is None
+    assert "-align" in plumbing.check_provenance(cfg, n, world["tok"])[1]
 
     def write(**kw):
-        with open(os.path.join(proxy, tp.PROVENANCE), "w") as f:
-            json.dump(tp.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
+        with open(os.path.join(proxy, plumbing.PROVENANCE), "w") as f:
+            json.dump(plumbing.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
                                             "tok": world["tok"], **kw}), f)
 
     write()
-    assert ts.check_provenance(cfg, n, world["tok"]) == (None, None)
+    assert plumbing.check_provenance(cfg, n, world["tok"]) == (None, None)
     write(split_seed=SEED + 7)
-    problem, _ = ts.check_provenance(cfg, n, world["tok"])
+    problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
     assert "split_seed: proxy 7, this run 0" in problem and "data_sha256" not in problem
     other = str(tmp_path / "other.jsonl")
     data.write_demo_jsonl(other, n + 10, seed=5)
     write(data_path=other, n_examples=n + 10)
-    problem, _ = ts.check_provenance(cfg, n, world["tok"])
+    problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
     assert "data_sha256" in problem and "split_sizes" in problem
 
     # end to end: one line on stderr, exit 2, before any proxy forward

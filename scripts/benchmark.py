@@ -3,7 +3,7 @@
     python scripts/benchmark.py                   # tiny + mid configs; CPU here, CUDA when present
     python scripts/benchmark.py --configs tiny    # quick look
 
-Every number comes from the training scripts' own functions on a one-rank model (train_proxy.shard_model,
+Every number comes from the training scripts' own functions on a one-rank model (plumbing.shard_model,
 which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every linear), random weights and tokens:
   proxy step    train_proxy.train_step in stage 2: one forward / backward over [y; y_hat] (2B sequences)
                 for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
@@ -64,6 +64,7 @@ import torch  # noqa: E402
 
 import lora  # noqa: E402
 import parallel  # noqa: E402
+import plumbing  # noqa: E402
 import train_proxy as tp  # noqa: E402
 import train_student as ts  # noqa: E402
 from model import Llama, ModelArgs, gathered, generate  # noqa: E402
@@ -148,7 +149,7 @@ def lora_model(args: ModelArgs, dtype, device, base: Llama | None = None):
     model = Llama(args).to(dtype) if base is None else base
     lora.apply_lora(model, r=8, alpha=16)
     model.lora_config = dict(r=8, alpha=16, dropout=0.0, base="benchmark")
-    model = tp.shard_model(model)
+    model = plumbing.shard_model(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, opt
 
@@ -316,7 +317,7 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
     cache = RandomCache(T - P, args.vocab_size)
     weights = {i: 0.5 for i in range(B)}
-    top_ids, top_lps = pk.pad_topk(cache.rows(sb["ids"]), sb["labels"])
+    top_ids, top_lps = plumbing.pad_topk(cache.rows(sb["ids"]), sb["labels"])
     w = torch.full((B,), 0.5, device=device)
     cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
     prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
@@ -418,7 +419,7 @@ def table(rows: list[dict], header: str) -> str:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    _, _, device = tp.init_distributed()
+    _, _, device = plumbing.init_distributed()
     if device.type == "cuda" and not a.peak_tflops:
         gpu = torch.cuda.get_device_name()
         a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
@@ -428,7 +429,7 @@ def main(argv=None) -> None:
         if int(os.environ.get("RANK", 0)) == 0:
             with open(a.out, "w") as f:
                 json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
-        tp.finish(0)
+        plumbing.finish(0)
     rows = []
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
@@ -465,7 +466,7 @@ def main(argv=None) -> None:
         f.write(md + "\n")
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
         json.dump({"machine": machine(device), "rows": rows, "prepass": pre}, f, indent=1)
-    tp.finish(0)
+    plumbing.finish(0)
 
 
 if __name__ == "__main__":

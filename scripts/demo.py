@@ -72,7 +72,7 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 import proxykd as pk  # noqa: E402
 from model import Llama, ModelArgs, generate  # noqa: E402
-from train_proxy import eval_batches, evaluate, finish, init_distributed  # noqa: E402
+from plumbing import eval_batches, evaluate, finish, init_distributed  # noqa: E402
 
 # the demo's two base sizes (vocab_size is set from the tokenizer)
 PROXY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, max_seq_len=256)
