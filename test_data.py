@@ -1,7 +1,6 @@
 """data.py properties: reader errors, template/label mask, truncation, collate, splits and rank batches,
-the demo teacher (always right, really branching), and the demo tokenizer."""
+atomic writes, and the tokenizer; the demo world (scripts/demo_world.py) supplies the data they run on."""
 
-import hashlib
 import json
 import os
 import random
@@ -10,11 +9,11 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import data
+from scripts import demo_world
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,8 +22,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def demo(tmp_path_factory):
     """300 demo examples and a tokenizer trained on them."""
     d = tmp_path_factory.mktemp("demo")
-    path = data.write_demo_jsonl(str(d / "teacher.jsonl"), 300, seed=0)
-    tok_path = data.train_demo_tokenizer([path], str(d / "tok"), 320)
+    path = demo_world.write_demo_jsonl(str(d / "teacher.jsonl"), 300, seed=0)
+    tok_path = demo_world.train_demo_tokenizer([path], str(d / "tok"), 320)
     return {"dir": d, "path": path, "tok": data.Tokenizer(tok_path), "examples": data.read_jsonl(path)}
 
 
@@ -218,46 +217,7 @@ def test_rank_batches_empty_and_bad_args():
 
 
 # ---------------------------------------------------------------------------------------------------
-# demo world
-
-
-def brute_force_answer(prompt: str) -> int:
-    """Independent of data.py's parser: the first number is the start; every later number is a step
-    whose sign is set by the word in front of it."""
-    sign = {"finds": 1, "buys": 1, "gets": 1, "loses": -1, "away": -1, "sells": -1}
-    words = prompt.replace(".", " ").replace("?", " ").split()
-    nums = [(j, int(w)) for j, w in enumerate(words) if w.isdigit()]
-    return nums[0][1] + sum(sign[words[j - 1]] * k for j, k in nums[1:])
-
-
-def test_teacher_always_right_and_arithmetic_checks():
-    prompts = data.make_demo_prompts(600, seed=11)
-    assert prompts == data.make_demo_prompts(600, seed=11) and prompts != data.make_demo_prompts(600, seed=12)
-    rng = np.random.default_rng(0)
-    for p in prompts:
-        truth = brute_force_answer(p)
-        assert data.reference_answer(p) == str(truth) and 0 <= truth <= 47
-        assert data.extract_answer(p) is None
-        reply = data.demo_teacher(p, rng)
-        assert data.extract_answer(reply) == str(truth), (p, reply)
-        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
-        assert len(eqs) == len(re.findall(r"\d+", p)) - 1, "one equation per step"
-        for a, op, b, c in eqs:
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
-        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]], "each step starts from the last"
-
-
-def test_base_reply_right_but_not_in_teacher_form():
-    """The demo bases' pretraining style: the same chain of equations as the teacher, ending in the true
-    answer, in a form extract_answer (the teacher's answer forms) does not accept."""
-    for p in data.make_demo_prompts(200, seed=13):
-        reply = data.demo_base_reply(p)
-        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
-        assert len(eqs) == len(re.findall(r"\d+", p)) - 1
-        for a, op, b, c in eqs:
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-        assert eqs[-1][3] == str(brute_force_answer(p)) == re.search(r"Total: (\d+)", reply).group(1)
-        assert data.extract_answer(reply) is None
+# files
 
 
 def test_atomic_write_whole_or_absent(tmp_path, monkeypatch):
@@ -271,70 +231,15 @@ def test_atomic_write_whole_or_absent(tmp_path, monkeypatch):
     assert open(path).read() == "old" and os.listdir(tmp_path) == ["f.txt"]  # no temp file left behind
 
 
-def test_teacher_phrasing_branches():
-    prompt = data.make_demo_prompts(1, seed=5)[0]
-    replies = [data.demo_teacher(prompt, np.random.default_rng(s)) for s in range(60)]
-    assert len(set(replies)) > 10
-    assert {data.extract_answer(r) for r in replies} == {data.reference_answer(prompt)}
-    endings = {re.sub(r"\d+", "N", r.rsplit(". ", 1)[-1]).replace(prompt.split()[0], "NAME") for r in replies}
-    assert len(endings) == 4, endings  # all four answer forms occur
-    assert data.demo_teacher(prompt, 3) == data.demo_teacher(prompt, 3), "a seeded teacher is reproducible"
-
-
-def test_extract_answer_forms():
-    for text, want in [("The answer is 12.", "12"), ("x. Answer: 7", "7"), ("#### 40", "40"), ("In the end, Mia has 3.", "3"),
-                       ("The answer is 4. No wait, #### 05", "5"), ("Mia has 3 apples.", None), ("", None)]:
-        assert data.extract_answer(text) == want, text
-
-
-def test_teacher_rejects_other_prompts():
-    for bad in ["What is 2 + 2?", "Mia has 3 apples. She dances 2. How many apples does Mia have?",
-                "Mia has 3 apples. She finds 2 more. How many apples does Leo have?"]:
-        with pytest.raises(ValueError):
-            data.demo_teacher(bad, 0)
-        with pytest.raises(ValueError):
-            data.reference_answer(bad)
-
-
-def test_write_demo_jsonl_deterministic(tmp_path):
-    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "sub" / "b.jsonl")
-    data.write_demo_jsonl(a, 50, seed=2)
-    data.write_demo_jsonl(b, 50, seed=2)
-    assert open(a, "rb").read() == open(b, "rb").read()
-    exs = data.read_jsonl(a)
-    assert len(exs) == 50 and [e.prompt for e in exs] == data.make_demo_prompts(50, 2)
-    assert all(data.extract_answer(e.response) == data.reference_answer(e.prompt) for e in exs)
-    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "sub"], "no temp files left"
-
-
 # ---------------------------------------------------------------------------------------------------
 # tokenizer
-
-
-def test_demo_tokenizer(demo):
-    tok = demo["tok"]
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3) and tok.vocab_size <= 320
-    assert tok.fingerprint == hashlib.sha256(open(tok.path, "rb").read()).hexdigest()
-    for ex in demo["examples"]:
-        for text in (data.format_prompt(ex.system, ex.prompt), ex.response):
-            ids = tok.encode(text)
-            assert tok.decode(ids) == text and 0 not in ids, "round trip, no unk"
-            assert all(len(s) == 1 for s in map(tok.sp.id_to_piece, ids) if any(c.isdigit() for c in s)), "digits split"
-        assert tok.encode("x", bos=True, eos=True) == [tok.bos_id, *tok.encode("x"), tok.eos_id]
-        # the demo data fits the demo's max_len with room to spare
-        assert len(data.encode_example(tok, ex, 10_000)["input_ids"]) <= 128
-
-
-def test_demo_tokenizer_deterministic(demo, tmp_path):
-    again = data.train_demo_tokenizer([demo["path"]], str(tmp_path / "elsewhere" / "tok2"), 320)
-    assert data.Tokenizer(again).fingerprint == demo["tok"].fingerprint
 
 
 def test_check_same_vocab(demo, tmp_path):
     tok = demo["tok"]
     copy = shutil.copy(tok.path, tmp_path / "copy.model")
     data.check_same_vocab(tok, data.Tokenizer(copy))
-    smaller = data.Tokenizer(data.train_demo_tokenizer([demo["path"]], str(tmp_path / "small"), 200))
+    smaller = data.Tokenizer(demo_world.train_demo_tokenizer([demo["path"]], str(tmp_path / "small"), 200))
     with pytest.raises(ValueError) as e:
         data.check_same_vocab(tok, smaller)
     assert tok.path in str(e.value) and smaller.path in str(e.value)
@@ -343,8 +248,8 @@ def test_check_same_vocab(demo, tmp_path):
     with open(other_path, "w") as f:
         for i in range(300):
             f.write(json.dumps({"prompt": f"Spell the word number {i} backwards.", "response": f"Reversed: {str(i)[::-1]} xyz qrs."}) + "\n")
-    other = data.Tokenizer(data.train_demo_tokenizer([other_path], str(tmp_path / "other"), 120))
-    small2 = data.Tokenizer(data.train_demo_tokenizer([demo["path"]], str(tmp_path / "small2"), other.vocab_size))
+    other = data.Tokenizer(demo_world.train_demo_tokenizer([other_path], str(tmp_path / "other"), 120))
+    small2 = data.Tokenizer(demo_world.train_demo_tokenizer([demo["path"]], str(tmp_path / "small2"), other.vocab_size))
     assert small2.vocab_size == other.vocab_size
     with pytest.raises(ValueError, match="first difference at id"):
         data.check_same_vocab(small2, other)

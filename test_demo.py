@@ -1,13 +1,18 @@
-"""The demo teacher measured exactly: its enumerated replies and next-token distributions (what
-scripts/demo.py's exact KL column uses) against sampling frequencies and the chain rule."""
+"""The demo world (scripts/demo_world.py): the teacher's grammar (always right, really branching, its
+answer forms), its enumerated replies and exact next-token distributions (what scripts/demo.py's exact KL
+column uses) against sampling frequencies and the chain rule, and the demo tokenizer."""
 
 import collections
+import hashlib
 import math
+import os
+import re
 
 import numpy as np
 import pytest
 
 import data
+from scripts import demo_world
 
 
 def chi2_bound(df: int) -> float:
@@ -23,42 +28,132 @@ def chi2(counts: dict, probs: dict, n: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo_exact")
-    path = data.write_demo_jsonl(str(d / "teacher.jsonl"), 300, seed=0)
-    return data.Tokenizer(data.train_demo_tokenizer([path], str(d / "tok"), 320))
+def demo(tmp_path_factory):
+    """300 demo examples and a tokenizer trained on them."""
+    d = tmp_path_factory.mktemp("demo")
+    path = demo_world.write_demo_jsonl(str(d / "teacher.jsonl"), 300, seed=0)
+    tok_path = demo_world.train_demo_tokenizer([path], str(d / "tok"), 320)
+    return {"dir": d, "path": path, "tok": data.Tokenizer(tok_path), "examples": data.read_jsonl(path)}
+
+
+@pytest.fixture(scope="module")
+def tok(demo):
+    return demo["tok"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the teacher's grammar
+
+
+def brute_force_answer(prompt: str) -> int:
+    """Independent of demo_world's parser: the first number is the start; every later number is a step
+    whose sign is set by the word in front of it."""
+    sign = {"finds": 1, "buys": 1, "gets": 1, "loses": -1, "away": -1, "sells": -1}
+    words = prompt.replace(".", " ").replace("?", " ").split()
+    nums = [(j, int(w)) for j, w in enumerate(words) if w.isdigit()]
+    return nums[0][1] + sum(sign[words[j - 1]] * k for j, k in nums[1:])
+
+
+def test_teacher_always_right_and_arithmetic_checks():
+    prompts = demo_world.make_demo_prompts(600, seed=11)
+    assert prompts == demo_world.make_demo_prompts(600, seed=11) and prompts != demo_world.make_demo_prompts(600, seed=12)
+    rng = np.random.default_rng(0)
+    for p in prompts:
+        truth = brute_force_answer(p)
+        assert demo_world.reference_answer(p) == str(truth) and 0 <= truth <= 47
+        assert demo_world.extract_answer(p) is None
+        reply = demo_world.demo_teacher(p, rng)
+        assert demo_world.extract_answer(reply) == str(truth), (p, reply)
+        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
+        assert len(eqs) == len(re.findall(r"\d+", p)) - 1, "one equation per step"
+        for a, op, b, c in eqs:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
+        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]], "each step starts from the last"
+
+
+def test_base_reply_right_but_not_in_teacher_form():
+    """The demo bases' pretraining style: the same chain of equations as the teacher, ending in the true
+    answer, in a form extract_answer (the teacher's answer forms) does not accept."""
+    for p in demo_world.make_demo_prompts(200, seed=13):
+        reply = demo_world.demo_base_reply(p)
+        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
+        assert len(eqs) == len(re.findall(r"\d+", p)) - 1
+        for a, op, b, c in eqs:
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert eqs[-1][3] == str(brute_force_answer(p)) == re.search(r"Total: (\d+)", reply).group(1)
+        assert demo_world.extract_answer(reply) is None
+
+
+def test_teacher_phrasing_branches():
+    prompt = demo_world.make_demo_prompts(1, seed=5)[0]
+    replies = [demo_world.demo_teacher(prompt, np.random.default_rng(s)) for s in range(60)]
+    assert len(set(replies)) > 10
+    assert {demo_world.extract_answer(r) for r in replies} == {demo_world.reference_answer(prompt)}
+    endings = {re.sub(r"\d+", "N", r.rsplit(". ", 1)[-1]).replace(prompt.split()[0], "NAME") for r in replies}
+    assert len(endings) == 4, endings  # all four answer forms occur
+    assert demo_world.demo_teacher(prompt, 3) == demo_world.demo_teacher(prompt, 3), "a seeded teacher is reproducible"
+
+
+def test_extract_answer_forms():
+    for text, want in [("The answer is 12.", "12"), ("x. Answer: 7", "7"), ("#### 40", "40"), ("In the end, Mia has 3.", "3"),
+                       ("The answer is 4. No wait, #### 05", "5"), ("Mia has 3 apples.", None), ("", None)]:
+        assert demo_world.extract_answer(text) == want, text
+
+
+def test_teacher_rejects_other_prompts():
+    for bad in ["What is 2 + 2?", "Mia has 3 apples. She dances 2. How many apples does Mia have?",
+                "Mia has 3 apples. She finds 2 more. How many apples does Leo have?"]:
+        with pytest.raises(ValueError):
+            demo_world.demo_teacher(bad, 0)
+        with pytest.raises(ValueError):
+            demo_world.reference_answer(bad)
+
+
+def test_write_demo_jsonl_deterministic(tmp_path):
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "sub" / "b.jsonl")
+    demo_world.write_demo_jsonl(a, 50, seed=2)
+    demo_world.write_demo_jsonl(b, 50, seed=2)
+    assert open(a, "rb").read() == open(b, "rb").read()
+    exs = data.read_jsonl(a)
+    assert len(exs) == 50 and [e.prompt for e in exs] == demo_world.make_demo_prompts(50, 2)
+    assert all(demo_world.extract_answer(e.response) == demo_world.reference_answer(e.prompt) for e in exs)
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "sub"], "no temp files left"
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact distributions
 
 
 @pytest.mark.parametrize("steps", [(2, 2), (3, 3)])
 def test_enumerated_replies_match_sampling_frequencies(steps):
-    prompt = data.make_demo_prompts(1, seed=11, steps=steps)[0]
-    replies = data.demo_teacher_replies(prompt)
+    prompt = demo_world.make_demo_prompts(1, seed=11, steps=steps)[0]
+    replies = demo_world.demo_teacher_replies(prompt)
     assert len(replies) == 3 * 6 ** (steps[0] - 1) * 3 * 4
     assert math.isclose(sum(replies.values()), 1.0, rel_tol=1e-12)
     n = 30_000
     rng = np.random.default_rng(0)
-    counts = collections.Counter(data.demo_teacher(prompt, rng) for _ in range(n))
+    counts = collections.Counter(demo_world.demo_teacher(prompt, rng) for _ in range(n))
     assert chi2(counts, replies, n) < chi2_bound(len(replies) - 1)
 
 
 def test_next_token_dists_chain_rule_and_sampling(tok):
-    prompt = data.make_demo_prompts(1, seed=3, steps=(3, 3))[0]
-    replies = data.demo_teacher_replies(prompt)
+    prompt = demo_world.make_demo_prompts(1, seed=3, steps=(3, 3))[0]
+    replies = demo_world.demo_teacher_replies(prompt)
     seq_probs = collections.defaultdict(float)  # token sequence -> probability (texts may share one)
     for text, p in replies.items():
         seq_probs[tuple(tok.encode(text, eos=True))] += p
     # chain rule, exactly: the product of a reply's next-token probabilities is the reply's probability
     for text in list(replies)[::37]:
-        dists = data.teacher_next_token_dists(tok, prompt, text)
+        dists = demo_world.teacher_next_token_dists(tok, prompt, text)
         ids = tok.encode(text, eos=True)
         assert len(dists) == len(ids)
         assert all(math.isclose(sum(d.values()), 1.0, rel_tol=1e-12) for d in dists)
         assert math.isclose(math.prod(d[y] for d, y in zip(dists, ids)), seq_probs[tuple(ids)], rel_tol=1e-9)
     # sampling: along one sampled reply, the next-token frequencies among samples sharing its prefix
     rng = np.random.default_rng(1)
-    samples = [tuple(tok.encode(data.demo_teacher(prompt, rng), eos=True)) for _ in range(20_000)]
+    samples = [tuple(tok.encode(demo_world.demo_teacher(prompt, rng), eos=True)) for _ in range(20_000)]
     target = samples[0]
-    dists = data.teacher_next_token_dists(tok, prompt, tok.decode(target))
+    dists = demo_world.teacher_next_token_dists(tok, prompt, tok.decode(target))
     stat = df = branches = 0
     alive = samples
     for t, d in enumerate(dists):
@@ -72,29 +167,55 @@ def test_next_token_dists_chain_rule_and_sampling(tok):
 
 
 def test_next_token_dists_refuse_other_replies(tok):
-    prompt = data.make_demo_prompts(1, seed=3)[0]
+    prompt = demo_world.make_demo_prompts(1, seed=3)[0]
     with pytest.raises(ValueError, match="not a reply"):
-        data.teacher_next_token_dists(tok, prompt, data.demo_base_reply(prompt))
+        demo_world.teacher_next_token_dists(tok, prompt, demo_world.demo_base_reply(prompt))
 
 
 def test_prompt_ranges():
-    prompts = data.make_demo_prompts(200, seed=4, steps=(4, 5), start=(20, 60), k=(10, 29))
+    prompts = demo_world.make_demo_prompts(200, seed=4, steps=(4, 5), start=(20, 60), k=(10, 29))
     for p in prompts:
-        _, _, count, steps = data._parse_prompt(p)
+        _, _, count, steps = demo_world._parse_prompt(p)
         assert 20 <= count <= 60 and 4 <= len(steps) <= 5 and all(10 <= k <= 29 for _, k in steps)
         running = count
         for verb, k in steps:
-            running += data._VERBS[verb][1] * k
+            running += demo_world._VERBS[verb][1] * k
             assert running >= 0
-        assert data.reference_answer(p) == str(running) == data.extract_answer(data.demo_teacher(p, 0))
-    assert data.make_demo_prompts(50, seed=4) == data.make_demo_prompts(50, seed=4, steps=(2, 3), start=(2, 20), k=(1, 9))
+        assert demo_world.reference_answer(p) == str(running) == demo_world.extract_answer(demo_world.demo_teacher(p, 0))
+    assert demo_world.make_demo_prompts(50, seed=4) == demo_world.make_demo_prompts(50, seed=4, steps=(2, 3), start=(2, 20), k=(1, 9))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the demo tokenizer
+
+
+def test_demo_tokenizer(demo):
+    tok = demo["tok"]
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3) and tok.vocab_size <= 320
+    assert tok.fingerprint == hashlib.sha256(open(tok.path, "rb").read()).hexdigest()
+    for ex in demo["examples"]:
+        for text in (data.format_prompt(ex.system, ex.prompt), ex.response):
+            ids = tok.encode(text)
+            assert tok.decode(ids) == text and 0 not in ids, "round trip, no unk"
+            assert all(len(s) == 1 for s in map(tok.sp.id_to_piece, ids) if any(c.isdigit() for c in s)), "digits split"
+        assert tok.encode("x", bos=True, eos=True) == [tok.bos_id, *tok.encode("x"), tok.eos_id]
+        # the demo data fits the demo's max_len with room to spare
+        assert len(data.encode_example(tok, ex, 10_000)["input_ids"]) <= 128
+
+
+def test_demo_tokenizer_deterministic(demo, tmp_path):
+    again = demo_world.train_demo_tokenizer([demo["path"]], str(tmp_path / "elsewhere" / "tok2"), 320)
+    assert data.Tokenizer(again).fingerprint == demo["tok"].fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------
+# scripts/demo.py's exact metrics
 
 
 def load_demo_script():
     """scripts/demo.py as a module, without letting its kernel pins (os.environ.setdefault at import) leak
     into the environment of later tests' subprocesses."""
     import importlib.util
-    import os
     saved = dict(os.environ)
     try:
         spec = importlib.util.spec_from_file_location("demo_script", os.path.join(os.path.dirname(__file__), "scripts", "demo.py"))
@@ -112,7 +233,7 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
     import torch
     from model import Llama, ModelArgs
     demo = load_demo_script()
-    heldout = data.write_demo_jsonl(str(tmp_path / "heldout.jsonl"), 5, seed=9)
+    heldout = demo_world.write_demo_jsonl(str(tmp_path / "heldout.jsonl"), 5, seed=9)
     ex = demo.exact_teacher({"heldout": heldout}, tok, 5)
     torch.manual_seed(0)
     model = Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
@@ -124,7 +245,7 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
             enc = data.encode_example(tok, e, 256)
             logq = torch.log_softmax(model(torch.tensor([enc["input_ids"]]))[0].double(), -1)
             start = enc["labels"].index(tok.encode(e.response)[0])  # first response position
-            for j, dist in enumerate(data.teacher_next_token_dists(tok, e.prompt, e.response)):
+            for j, dist in enumerate(demo_world.teacher_next_token_dists(tok, e.prompt, e.response)):
                 q = logq[start + j - 1]
                 kl += sum(p * (math.log(p) - q[v].item()) for v, p in dist.items())
                 agree += dist.get(int(q.argmax()), 0.0) == max(dist.values())

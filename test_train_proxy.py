@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import proxykd as pk
 from model import Llama, ModelArgs
+from scripts import demo_world
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 180  # seconds per launch; a normal one takes a few
@@ -67,9 +68,9 @@ def world(tmp_path_factory):
     sentencepiece tokenizer and a tiny random base model saved in HF format (fp32)."""
     d = tmp_path_factory.mktemp("world")
     train, held_out = str(d / "teacher.jsonl"), str(d / "heldout.jsonl")
-    data.write_demo_jsonl(train, 80, seed=0)
-    data.write_demo_jsonl(held_out, 8, seed=1)
-    tok_path = data.train_demo_tokenizer([train], str(d / "tok"), 320)
+    demo_world.write_demo_jsonl(train, 80, seed=0)
+    demo_world.write_demo_jsonl(held_out, 8, seed=1)
+    tok_path = demo_world.train_demo_tokenizer([train], str(d / "tok"), 320)
     tok = data.Tokenizer(tok_path)
     torch.manual_seed(0)
     base = str(d / "base")

@@ -25,6 +25,7 @@ import proxykd as pk
 import test_train_proxy
 import train_student as ts
 from model import Llama, ModelArgs
+from scripts import demo_world
 from test_train_proxy import metrics, ok, steps_of
 
 N_EXAMPLES, SEED, K, MAX_LEN = 60, 0, 10, 200
@@ -57,9 +58,9 @@ def world(tmp_path_factory):
     random student and two tiny random proxies (A, B: different weights) in HF format (fp32)."""
     d = tmp_path_factory.mktemp("world")
     train, held_out = str(d / "teacher.jsonl"), str(d / "heldout.jsonl")
-    data.write_demo_jsonl(train, N_EXAMPLES, seed=0)
-    data.write_demo_jsonl(held_out, 8, seed=1)
-    tok_path = data.train_demo_tokenizer([train], str(d / "tok"), 96)
+    demo_world.write_demo_jsonl(train, N_EXAMPLES, seed=0)
+    demo_world.write_demo_jsonl(held_out, 8, seed=1)
+    tok_path = demo_world.train_demo_tokenizer([train], str(d / "tok"), 96)
     tok = data.Tokenizer(tok_path)
     student = save_model(str(d / "student"), tok.vocab_size, 0)
     proxy_a = save_model(str(d / "proxy_a"), tok.vocab_size, 1, tok_path)
@@ -396,7 +397,7 @@ def test_provenance_guards_d_s(world, tmp_path):
     problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
     assert "split_seed: proxy 7, this run 0" in problem and "data_sha256" not in problem
     other = str(tmp_path / "other.jsonl")
-    data.write_demo_jsonl(other, n + 10, seed=5)
+    demo_world.write_demo_jsonl(other, n + 10, seed=5)
     write(data_path=other, n_examples=n + 10)
     problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
     assert "data_sha256" in problem and "split_sizes" in problem

@@ -2,13 +2,13 @@
 
     pip install -r requirements.txt && python scripts/demo.py
 
-The demo world (data.py): a black-box "teacher" answers short word problems with a worked reply, its
+The demo world (demo_world.py): a black-box "teacher" answers short word problems with a worked reply, its
 phrasing sampled from several options, its final number always right. Every model here is a tiny
 Llama (model.py); the pipeline and the two training scripts are the real ones.
 
   1. world     teacher data (split D_w / D_p / D_s by train_*.py), a held-out set, a tokenizer, and a
                pretraining corpus: the same kind of problems worked in a fixed terse style unlike the
-               teacher's (data.demo_base_reply), standing in for what a pretrained Llama knows.
+               teacher's (demo_world.demo_base_reply), standing in for what a pretrained Llama knows.
   2. bases     full-parameter pretraining of a proxy base (larger) and a student base (smaller) on that
                corpus: both can do the arithmetic; both know the teacher's style only as a minority
                of their pretraining text (--teacher_share), so their greedy replies are in the base style.
@@ -22,7 +22,7 @@ Llama (model.py); the pipeline and the two training scripts are the real ones.
                agreement with the teacher's tokens and per-token NLL, and, because the teacher is a known
                grammar, the exact per-token KL(teacher || model) and agreement with the teacher's own
                argmax (the paper's Table 4 and Fig. 5) on the first --n_exact prompts
-               (data.teacher_next_token_dists: every reply enumerated).
+               (demo_world.teacher_next_token_dists: every reply enumerated).
 
 Two studies sit behind flags (README, "Demo results"), each instead of the main table:
   --sweep      the paper's regime: a proxy 8.5x the student, 3-4 step problems the small base gets wrong,
@@ -56,6 +56,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if os.path.join(ROOT, "scripts") not in sys.path:  # demo_world, also when this file is loaded by path (the tests)
+    sys.path.append(os.path.join(ROOT, "scripts"))
 
 # The same numbers on any x86-64 CPU with AVX2 (read before torch loads; the training runs inherit them;
 # a value the user set wins). torch picks its vectorised CPU kernels (reductions, softmax, norms, Adam) by
@@ -70,6 +72,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
+import demo_world  # noqa: E402
 import proxykd as pk  # noqa: E402
 from model import Llama, ModelArgs, generate  # noqa: E402
 from plumbing import eval_batches, evaluate, finish, init_distributed  # noqa: E402
@@ -129,23 +132,24 @@ def parse_args(argv=None):
 
 def make_world(a, d: str, ranges: dict | None = None) -> dict:
     """Teacher data, held-out set, pretraining corpus, tokenizer -> paths (each written once). ranges:
-    data.make_demo_prompts's problem sizes (None: the main world's)."""
+    demo_world.make_demo_prompts's problem sizes (None: the main world's)."""
     ranges = ranges or {}
     paths = dict(teacher=f"{d}/teacher.jsonl", heldout=f"{d}/heldout.jsonl", pretrain=f"{d}/pretrain.jsonl",
                  tok=f"{d}/tok.model")
     if not os.path.exists(paths["teacher"]):
-        data.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, **ranges)
+        demo_world.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, **ranges)
     if not os.path.exists(paths["heldout"]):
-        data.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1, **ranges)
+        demo_world.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1, **ranges)
     if not os.path.exists(paths["pretrain"]):
         # mostly the terse base style; a minority in the teacher's own style, so the bases know its words
         # (as a pretrained Llama knows GPT-4's) without preferring its way of answering
         rng = np.random.default_rng([2, 0xBA5E])
-        lines = [json.dumps({"prompt": p, "response": data.demo_teacher(p, rng) if rng.random() < a.teacher_share
-                             else data.demo_base_reply(p)}) + "\n" for p in data.make_demo_prompts(a.n_pretrain, seed=2, **ranges)]
+        lines = [json.dumps({"prompt": p, "response": demo_world.demo_teacher(p, rng) if rng.random() < a.teacher_share
+                             else demo_world.demo_base_reply(p)}) + "\n"
+                 for p in demo_world.make_demo_prompts(a.n_pretrain, seed=2, **ranges)]
         data.atomic_write(paths["pretrain"], "".join(lines))
     if not os.path.exists(paths["tok"]):
-        data.train_demo_tokenizer([paths["teacher"], paths["pretrain"]], paths["tok"][: -len(".model")])
+        demo_world.train_demo_tokenizer([paths["teacher"], paths["pretrain"]], paths["tok"][: -len(".model")])
     return paths
 
 
@@ -270,14 +274,14 @@ def run_students(jobs: list[Job], a, desc: str) -> None:
 
 def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     """The teacher's exact next-token distributions on the teacher's replies to the first n held-out
-    prompts (data.teacher_next_token_dists: every reply enumerated, tokenised, summed over shared
+    prompts (demo_world.teacher_next_token_dists: every reply enumerated, tokenised, summed over shared
     prefixes) -> dict(batch: collate dict, rows (N,) and cols (N,): where each response token's
     prediction sits in the (B, T - 1) shifted grid, probs (N, V) fp64: the teacher's distribution there)."""
     held_out = data.read_jsonl(w["heldout"])[:n]
     encoded, rows, cols, dists = [], [], [], []
     for b, e in enumerate(held_out):
         enc = data.encode_example(tok, e, 256)
-        d = data.teacher_next_token_dists(tok, e.prompt, e.response)
+        d = demo_world.teacher_next_token_dists(tok, e.prompt, e.response)
         pos = [t - 1 for t, y in enumerate(enc["labels"]) if y != data.IGNORE_INDEX]  # logits at t-1 predict t
         assert len(pos) == len(d), "a truncated held-out reply"
         encoded.append(enc)
@@ -319,9 +323,9 @@ def eval_model(path: str, w: dict, tok: data.Tokenizer, device, ex: dict) -> dic
         replies = generate(model, [data.encode_prompt(tok, e.system, e.prompt) for e in chunk], 160, tok.eos_id,
                            tok.pad_id, greedy=True)
         for r, e in zip(replies, chunk):
-            text, truth = tok.decode(r), data.reference_answer(e.prompt)
-            correct += data.extract_answer(text) == truth
-            anyform += (data.extract_answer(text) or _base_answer(text)) == truth
+            text, truth = tok.decode(r), demo_world.reference_answer(e.prompt)
+            correct += demo_world.extract_answer(text) == truth
+            anyform += (demo_world.extract_answer(text) or _base_answer(text)) == truth
     n_params = sum(p.numel() for p in model.parameters())
     return dict(exact_match=correct / len(held_out), any_form=anyform / len(held_out), top1_agreement=tf["top1_agreement"],
                 nll=tf["nll"], params=n_params, **exact_metrics(model, ex, device))
@@ -336,7 +340,7 @@ def _base_answer(text: str) -> str | None:
 def teacher_row(w: dict) -> dict:
     """The black box itself: its held-out replies scored by the same exact-match check."""
     held_out = data.read_jsonl(w["heldout"])
-    em = np.mean([data.extract_answer(e.response) == data.reference_answer(e.prompt) for e in held_out])
+    em = np.mean([demo_world.extract_answer(e.response) == demo_world.reference_answer(e.prompt) for e in held_out])
     return dict(exact_match=float(em), any_form=float(em), top1_agreement=None, nll=None, params=None, kl=0.0,
                 teacher_top1=1.0)
 
