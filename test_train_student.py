@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import data
+import fast
 import lora
 import proxykd as pk
 import test_train_proxy
@@ -252,7 +253,7 @@ def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
         for m, b in zip(micro, batches):
             h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
             logits = (h @ w.T).float()  # (B, T, V): bf16 matmul, fp32 loss, as the fused head computes it
-            top_ids, top_lps = pk.pad_topk(cache.rows(m), b["labels"])
+            top_ids, top_lps = fast.pad_topk(cache.rows(m), b["labels"])
             out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
     first = steps_of(run_kd)[0]
@@ -317,7 +318,7 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
 
         # brute force: one batch, full logits, the non-chunked losses
         batch = data.collate([encoded[i] for i in ids], tok.pad_id)
-        top_ids, top_lps = pk.pad_topk(cache.rows(ids), batch["labels"])
+        top_ids, top_lps = fast.pad_topk(cache.rows(ids), batch["labels"])
         w = torch.tensor([weights[i] for i in ids])
         ref = pk.student_loss(model(batch["input_ids"]), batch["labels"], top_ids, top_lps, w, 100.0)
         grads = torch.autograd.grad(ref.loss, list(params.values()))

@@ -118,6 +118,7 @@ from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 import data
+import fast
 import lora
 import parallel
 import proxykd as pk
@@ -406,6 +407,26 @@ def agree(obj):
     return box[0]
 
 
+def reduce_mean_std(x: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean mu and population std gamma of x over all ranks (Eq. 9's moments over the whole D_s).
+
+    x (N_r,) this rank's values -> (mu (), gamma ()) fp64, identical on every rank. One all_reduce of
+    (sum, sum of squares, count) in fp64 (fp64 keeps ss/n - mu^2 free of cancellation for
+    log-likelihoods of any realistic size) when torch.distributed is initialised -- a collective: every
+    rank of `group` must call it. Without torch.distributed it is the local mean/std. Correct both when
+    the ranks hold disjoint shards of D_s and when each holds all of it (sums and count scale alike).
+    """
+    x = x.detach().to(torch.float64).reshape(-1)
+    moments = torch.stack([x.sum(), (x * x).sum(), torch.ones_like(x).sum()])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
+    s, ss, n = moments.unbind()
+    n = n.clamp(min=1)
+    mu = s / n
+    gamma = (ss / n - mu * mu).clamp(min=0).sqrt()
+    return mu, gamma
+
+
 def start_or_resume(resume: bool, ckpt_dir: str, metrics_path: str, model, optimizer, global_batch: int, rank: int):
     """Collective. With resume, load <ckpt_dir>/latest (if any) into model and optimizer and cut
     metrics.jsonl back to its step; otherwise (or with no checkpoint) start a new metrics.jsonl.
@@ -459,7 +480,7 @@ def evaluate(model, batches: list[dict], device) -> dict:
     for batch in batches:
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         # k = 1: the cached "top-k" is the argmax, and seq_logps the teacher-forced log-likelihood
-        ids, _, seq = model(input_ids, head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, 1))
+        ids, _, seq = model(input_ids, head_fn=lambda h, w: fast.topk_logps_chunked(h, w, labels, 1))
         mask = pk.response_mask(labels)
         agree = (ids[..., 0].long() == labels[:, 1:]) & mask
         sums += torch.stack([-seq.sum().double(), agree.sum().double(), mask.sum().double()])
@@ -668,7 +689,7 @@ def sample_round(model, steps: list, encoded: dict, tok, cfg: Config, generator,
         rej = [rejected_example(e, y, tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e, y in zip(encs, y_hat)]
         batch = data.collate(encs + rej, tok.pad_id)  # rows [y_1..y_B; y_hat_1..y_hat_B]
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-        lp = model(input_ids, head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
+        lp = model(input_ids, head_fn=lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size))
         ref_c.append(lp[: len(ids)].float().cpu())
         ref_r.append(lp[len(ids) :].float().cpu())
         ids_all += ids
@@ -766,13 +787,13 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
         rewards = torch.zeros(4, dtype=torch.float64, device=device)
         if dpo:
             # one forward over [y; y_hat]: the chosen half serves both Eq. 3 and Eq. 4
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.sequence_logps_fused(h, w, labels, cfg.chunk_size))
+            lp = model(b["input_ids"], head_fn=lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size))
             out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], n_tokens, cfg.beta, n_pairs)
             loss, nll, pref = out.loss, out.nll, out.pref
             rc, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
             rewards += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(), torch.ones_like(rc).sum()])
         else:
-            lp = model(b["input_ids"], head_fn=lambda h, w: pk.token_logps_fused(h, w, labels, cfg.chunk_size))
+            lp = model(b["input_ids"], head_fn=lambda h, w: fast.token_logps_fused(h, w, labels, cfg.chunk_size))
             loss = -lp.sum() / n_tokens  # Eq. 3, this micro-batch's share of the step's mean
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()

@@ -95,6 +95,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
+import fast
 import parallel
 import proxykd as pk
 from model import ModelArgs, read_hf_config
@@ -115,6 +116,7 @@ from train_proxy import (  # the shared plumbing: launch, FSDP2, checkpoints, me
     make_optimizer,
     plan_steps,
     print_plan,
+    reduce_mean_std,
     save_checkpoint,
     save_final,
     shard_model,
@@ -387,7 +389,7 @@ class ProxyCache:
         return torch.tensor([self.seq[i] for i in ids], dtype=torch.float64)
 
     def rows(self, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """-> per example (topk_ids (n_i, k) int32, topk_logps (n_i, k)), the input of proxykd.pad_topk."""
+        """-> per example (topk_ids (n_i, k) int32, topk_logps (n_i, k)), the input of fast.pad_topk."""
         out = []
         for i in ids:
             fi, a, b = self.where[i]
@@ -414,9 +416,9 @@ def build_cache(cfg: Config, proxy, encoded: dict, todo: list[int], digest: str,
         ids = mine[j * bs : (j + 1) * bs]
         b = make_batch(ids or todo[:1], encoded, pad_id, device)
         labels = b["labels"]
-        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: pk.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
+        top_ids, top_lps, seq = proxy(b["input_ids"], head_fn=lambda h, w: fast.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
         if ids:
-            rows = pk.topk_rows(top_ids.cpu(), top_lps.to(DTYPES[cfg.cache_dtype]).cpu(), labels.cpu())
+            rows = fast.topk_rows(top_ids.cpu(), top_lps.to(DTYPES[cfg.cache_dtype]).cpu(), labels.cpu())
             records += [(i, r_ids, r_lps, s) for i, (r_ids, r_lps), s in zip(ids, rows, seq.tolist())]
             n_tok += sum(r[0].shape[0] for r in rows)
         if (j + 1) % cfg.cache_flush_every == 0:
@@ -448,12 +450,12 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     for b in batches:
         labels = b["labels"]
         if cache is None:
-            loss = model(b["input_ids"], head_fn=lambda h, w: -pk.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
+            loss = model(b["input_ids"], head_fn=lambda h, w: -fast.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
-            top_ids, top_lps = pk.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
+            top_ids, top_lps = fast.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
             w = None if weights is None else torch.tensor([weights[i] for i in b["ids"]], device=device)
-            out = model(b["input_ids"], head_fn=lambda h, wt: pk.student_loss_fused(
+            out = model(b["input_ids"], head_fn=lambda h, wt: fast.student_loss_fused(
                 h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
@@ -593,8 +595,8 @@ def main(argv=None) -> None:
         scored = [i for i, n in zip(d_s, cache.n_tokens(d_s).tolist()) if n > 0]
         mine = scored[rank::world]
         scores = pk.weight_scores(cache.seq_logps(mine).to(device), cache.n_tokens(mine).to(device), cfg.weight_per_token)
-        mu, gamma = pk.reduce_mean_std(scores)
-        w = pk.sample_weights(cache.seq_logps(scored), cache.n_tokens(scored), cfg.weight_per_token, mu=mu.cpu(), gamma=gamma.cpu())
+        mu, gamma = reduce_mean_std(scores)
+        w = pk.sample_weights(pk.weight_scores(cache.seq_logps(scored), cache.n_tokens(scored), cfg.weight_per_token), mu.cpu(), gamma.cpu())
         pending.append({"step": 0, "phase": "weights", "mu": mu.item(), "gamma": gamma.item(), "per_token": cfg.weight_per_token,
                         "used": not cfg.no_weights, "w_mean": w.mean().item(), "w_min": w.min().item(), "w_max": w.max().item()})
         if not cfg.no_weights:

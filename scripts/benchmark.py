@@ -297,6 +297,7 @@ def hf_step(model, opt, loss_fn) -> None:
 
 def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     """Ours vs transformers + peft on one config and base dtype: one row per step, median tokens/s."""
+    import fast
     import proxykd as pk
     from transformers import GenerationConfig
 
@@ -316,7 +317,7 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
     cache = RandomCache(T - P, args.vocab_size)
     weights = {i: 0.5 for i in range(B)}
-    top_ids, top_lps = pk.pad_topk(cache.rows(sb["ids"]), sb["labels"])
+    top_ids, top_lps = fast.pad_topk(cache.rows(sb["ids"]), sb["labels"])
     w = torch.full((B,), 0.5, device=device)
     cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
     prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
