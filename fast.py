@@ -168,8 +168,8 @@ def token_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_si
 
 
 def sequence_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
-    """proxykd.sequence_logps (Eq. 1, 3, 4, 9) from hidden (B, T, D), weight (V, D), labels (B, T) -> (B,) fp32.
-    The proxy's DPO/NLL forward: proxy_loss(*sequence_logps_chunked(...).split(...), ...)."""
+    """proxykd.sequence_logps (Eq. 1, 3, 4, 9) from hidden (B, T, D), weight (V, D), labels (B, T) ->
+    (B,) fp32. The proxy's DPO/NLL forward: proxy_loss(*sequence_logps_chunked(...).split(...), ...)."""
     return token_logps_chunked(hidden, weight, labels, chunk_size).sum(-1)
 
 
@@ -184,8 +184,8 @@ def student_loss_chunked(
     n_tokens: Tensor | float | None = None,
     chunk_size: int | None = None,
 ) -> pk.StudentLoss:
-    """proxykd.student_loss (Eq. 7 + alpha * Eq. 10 = Eq. 11) from hidden (B, T, D) and weight (V, D) instead of
-    logits; same arguments, reduction and result (equal up to float rounding). As a head_fn:
+    """proxykd.student_loss (Eq. 7 + alpha * Eq. 10 = Eq. 11) from hidden (B, T, D) and weight (V, D)
+    instead of logits; same arguments, reduction and result (equal up to float rounding). As a head_fn:
     `model(tokens, head_fn=lambda h, w: student_loss_chunked(h, w, labels, ids, lps, wts, n_tokens=N))`.
     """
     B, T, _ = hidden.shape
