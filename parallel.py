@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import proxykd as pk
+import fast
 from model import Llama, ModelArgs, commit_shards, generate, read_hf_config, shard_file_names, weight_files
 
 # linears split by output rows (heads / SwiGLU units) and by input columns; see the module docstring
@@ -298,9 +298,9 @@ def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: 
 
 
 def logits_chunk_bytes(args: ModelArgs, chunk: int, itemsize: int) -> int:
-    """The fused loss head's (chunk, V) blocks (proxykd._head_buffers): fp32 logits, plus the matmul's
-    output in the base dtype when that is not fp32. chunk 0: proxykd.default_chunk_size on a GPU."""
-    chunk = chunk or pk.default_chunk_size(args.vocab_size, "cuda")
+    """The fused loss head's (chunk, V) blocks (fast._head_buffers): fp32 logits, plus the matmul's
+    output in the base dtype when that is not fp32. chunk 0: fast.default_chunk_size on a GPU."""
+    chunk = chunk or fast.default_chunk_size(args.vocab_size, "cuda")
     return chunk * args.vocab_size * (4 + (itemsize if itemsize != 4 else 0))
 
 
@@ -378,7 +378,7 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
         unsharded = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
         items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
         items["cache build: forward"] = forward_transient_bytes(proxy, cache_batch_size * max_len, proxy_itemsize)
-        chunk = chunk_size or pk.default_chunk_size(proxy.vocab_size, "cuda")
+        chunk = chunk_size or fast.default_chunk_size(proxy.vocab_size, "cuda")
         items["cache build: logits chunk"] = 2 * chunk * proxy.vocab_size * 4  # fp32 logits + log-softmax
         phases["cache build"] = sum(items.values())
     shapes = param_shapes(student, lora_r)

@@ -202,6 +202,36 @@ def test_weights_standardise_over_all_of_d_s(world, run_kd):
     assert 0.4 < rec["w_mean"] < 0.6 and rec["w_min"] < 0.5 < rec["w_max"]
 
 
+def _moments_worker(rank: int, world: int, path: str, shards, q) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    mu, gamma = plumbing.reduce_mean_std(shards[rank])
+    q.put((rank, float(mu), float(gamma), pk.sample_weights(shards[rank], mu, gamma).tolist()))
+    dist.destroy_process_group()
+
+
+def test_reduce_mean_std_across_ranks(tmp_path):
+    """Eq. 9's moments from two ranks' unequal shards (one all_reduce) are the whole set's, and the
+    weights each rank computes from them are one process's weights over all of D_s."""
+    import multiprocessing as mp
+
+    g = torch.Generator().manual_seed(6)
+    full = -200 + 30 * torch.randn(11, generator=g, dtype=torch.float64)
+    shards = [full[:3], full[3:]]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_moments_worker, args=(r, 2, str(tmp_path / "store"), shards, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(q.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    mu, gamma = full.mean(), full.std(unbiased=False)
+    for rank, m, s, w in results:
+        assert abs(m - mu.item()) < 1e-9 and abs(s - gamma.item()) < 1e-9
+    torch.testing.assert_close(torch.tensor(results[0][3] + results[1][3]), pk.sample_weights(full, mu, gamma))
+
+
 # --------------------------------------------------------------------------- phase 2: the student
 
 

@@ -1,0 +1,426 @@
+"""Fast paths of proxykd.py's losses: the same numbers from the model's final hidden states and output
+weight, without ever holding (B, T, V) logits. Each function here is tested equal to its reference in
+proxykd.py, values and gradients (test_fast.py); read proxykd.py for the method, this file for speed.
+
+- Chunked (`token_logps_chunked`, `sequence_logps_chunked`, `student_loss_chunked`, `topk_logps_chunked`):
+  hidden (B, T, D) and weight (V, D) instead of logits. fp32 logits exist for one chunk of positions at
+  a time, and under autograd each chunk is checkpointed, so memory holds one (chunk, V) block instead of
+  the sequence's logits. `topk_logps_chunked` produces the proxy's top-k cache (proxykd.topk_logps).
+- Fused (`token_logps_fused`, `sequence_logps_fused`, `student_loss_fused`; what training runs): the
+  chunked values and gradients, faster. Only response rows reach the head, and each chunk's gradient
+  with respect to the hidden states is taken in the forward, in place in one reused (chunk, V) buffer,
+  so the backward neither keeps nor recomputes logits.
+
+Every head is meant as a model's head_fn:
+`model(tokens, head_fn=lambda h, w: fast.sequence_logps_fused(h, w, labels))`, which under FSDP2 runs it
+inside the root forward, where the output weight is unsharded.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import proxykd as pk
+
+# ---------------------------------------------------------------------------------------------------
+# the references' arithmetic, factored for the chunk loops (proxykd.py spells each out inline)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """At least fp32, fp64 if any input is fp64."""
+    dtype = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _divisor(n: Tensor | float | None, labels: Tensor) -> Tensor | float:
+    return pk.num_response_tokens(labels).clamp(min=1) if n is None else n
+
+
+def _label_logps(logits: Tensor, y: Tensor, lse: Tensor) -> Tensor:
+    """logits (..., V), y (...), lse (...) the log-partition -> log pi(y) (...)."""
+    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+
+
+def _coarse_kl(logits: Tensor, lse: Tensor, ids: Tensor, p_lp: Tensor) -> Tensor:
+    """Per-position KL(p_coarse || q_coarse) over k+1 buckets (Eq. 8 on a top-k cache).
+
+    logits (..., V) student logits (compute dtype), lse (...) their logsumexp, ids (..., k) long,
+    p_lp (..., k) proxy log-probs normalised over the full vocabulary -> (...) KL >= 0.
+    Buckets: the k cached tokens, plus (when k < V) one tail bucket holding everything else:
+    p_tail = 1 - sum_k p_k, q_tail = 1 - sum_k q_k. When k == V there is no tail and this is the exact
+    full-vocabulary KL.
+    """
+    log_q_k = logits.gather(-1, ids) - lse.unsqueeze(-1)  # log pi_s on the k cached ids
+    log_q_tail = None
+    if ids.shape[-1] < logits.shape[-1]:
+        # student tail = logsumexp over the complement of the k ids. Computing it by masking (instead of
+        # log(1 - sum_k q_k)) stays exact when pi_s puts all but 1e-9 of its mass on the k ids.
+        log_q_tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
+    return _coarse_kl_logq(log_q_k, log_q_tail, p_lp)
+
+
+def _coarse_kl_logq(log_q_k: Tensor, log_q_tail: Tensor | None, p_lp: Tensor) -> Tensor:
+    """_coarse_kl from the student's log-probs: log_q_k (..., k) on the cached ids, log_q_tail (...) of
+    the tail bucket (None when k == V: no tail), p_lp (..., k) -> (...) KL >= 0."""
+    if log_q_tail is None:
+        # no tail bucket: renormalise pi_p so fp16 rounding of the cache cannot make the sum != 1
+        log_p_k = p_lp.log_softmax(-1)
+        p_k = log_p_k.exp()
+        kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1)
+        return kl.clamp(min=0)  # rounding leaves ~-1e-16 when pi_s ~= pi_p; true value >= 0
+    lse_p = p_lp.logsumexp(-1)
+    # fp16 rounding can push sum_k p_k slightly above 1: renormalise only then (tail = 0), so the
+    # coarse pi_p is always a proper distribution and the KL stays >= 0
+    log_p_k = p_lp - lse_p.clamp(min=0).unsqueeze(-1)
+    p_k = log_p_k.exp()
+    p_tail = -torch.expm1(lse_p.clamp(max=0))  # 1 - sum_k p_k, exact for tiny tails, >= 0
+    kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+    # the true value is >= 0; when pi_s ~= pi_p rounding leaves ~-1e-16, where the gradient is ~0 anyway
+    return kl.clamp(min=0)
+
+
+def _clean_topk(ids: Tensor, p_lp: Tensor, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Replace cache entries at masked positions (padding: any value, NaN, out-of-range ids) with
+    harmless ones so they cannot leak NaN into gradients; the proxy is a constant target."""
+    m = ~mask.unsqueeze(-1)
+    return ids.long().masked_fill(m, 0), p_lp.detach().to(dtype).masked_fill(m, 0.0)
+
+
+def _student_reduce(
+    lp: Tensor, kl_seq: Tensor, labels: Tensor, weights: Tensor | None, alpha: float, n_tokens
+) -> pk.StudentLoss:
+    """lp (B, T-1) masked log pi_s(y_t), kl_seq (B,) -> StudentLoss with proxykd.student_loss's reduction."""
+    n = _divisor(n_tokens, labels)
+    nll = -lp.sum() / n
+    w = torch.ones_like(kl_seq) if weights is None else weights.detach().to(kl_seq.dtype)
+    wkl = (w * kl_seq).sum() / n  # Eq. 10: w(x,y) * D_KL(pi_p || pi_s), per token
+    return pk.StudentLoss(nll + alpha * wkl, nll.detach(), wkl.detach(), kl_seq.detach())
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunked variants: (hidden (B, T, D), weight (V, D)) instead of logits. They are meant to be the
+# model's head_fn: `model(tokens, head_fn=lambda h, w: sequence_logps_chunked(h, w, labels))`, which
+# under FSDP2 runs them inside the root forward where the output weight is unsharded. fp32 logits exist
+# for one chunk of `chunk_size` positions at a time; under autograd each chunk is checkpointed, so the
+# backward recomputes a chunk's logits instead of keeping all of them alive.
+
+
+def default_chunk_size(vocab_size: int, device) -> int:
+    """Rows per (rows, V) fp32 logits block when a chunked / fused head is given chunk_size None or 0: 1024 on
+    accelerators; on the CPU as many rows as keep the block at 16 MiB, because glibc serves blocks over
+    32 MiB with fresh mmap pages, page-faulted anew on every allocation. Measured on the benchmark's mid
+    config (vocabulary 32,000, bf16): the head allocating per chunk 1.7-3x slower at 1024 rows than at
+    128; the fused head, which allocates once per call, 4% per training step."""
+    if torch.device(device).type != "cpu":
+        return 1024
+    return max(1, (16 << 20) // (4 * vocab_size))
+
+
+def _chunk_rows(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> h (B*(T-1), D) in its own dtype, w (V, D) in the compute dtype, y (B*(T-1),), mask (B*(T-1),)."""
+    B, T, D = hidden.shape
+    y, m = pk.shift_labels(labels)
+    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
+    w = weight.to(_compute_dtype(hidden, weight))
+    return hidden[:, :-1].reshape(B * (T - 1), D), w, y.reshape(-1), m.reshape(-1)
+
+
+def _map_chunks(fn, chunk_size: int | None, h: Tensor, w: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
+    """Apply fn(h_c, w, *rows_c) -> tuple of (n_c, ...) tensors to row chunks and concatenate.
+    chunk_size None or 0: default_chunk_size."""
+    n = h.shape[0]
+    chunk_size = chunk_size or default_chunk_size(w.shape[0], h.device)
+    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
+    outs = []
+    for s in range(0, max(n, 1), chunk_size):
+        args = (h[s : s + chunk_size], w, *(r[s : s + chunk_size] for r in rows))
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return tuple(torch.cat(parts) for parts in zip(*outs))
+
+
+def _logp_rows(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor]:
+    logits = F.linear(h.to(w.dtype), w)  # (n, V) compute dtype: the only vocab-sized tensor
+    return (_label_logps(logits, y, logits.logsumexp(-1)),)
+
+
+def _student_rows(h: Tensor, w: Tensor, y: Tensor, ids: Tensor, p_lp: Tensor) -> tuple[Tensor, Tensor]:
+    logits = F.linear(h.to(w.dtype), w)  # (n, V)
+    lse = logits.logsumexp(-1)
+    return _label_logps(logits, y, lse), _coarse_kl(logits, lse, ids, p_lp)
+
+
+def token_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+    """proxykd.token_logps from the final-normed hidden states without materialising (B, T, V).
+
+    hidden (B, T, D), weight (V, D) the output projection (bf16 ok), labels (B, T) -> (B, T-1) fp32,
+    0 where masked. chunk_size: positions per fp32 (chunk_size, V) logits block.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    (lp,) = _map_chunks(_logp_rows, chunk_size, h, w, y)
+    return lp.masked_fill(~m, 0.0).view(B, T - 1)
+
+
+def sequence_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+    """proxykd.sequence_logps (Eq. 1, 3, 4, 9) from hidden (B, T, D), weight (V, D), labels (B, T) ->
+    (B,) fp32. The proxy's DPO/NLL forward: proxy_loss(*sequence_logps_chunked(...).split(...), ...)."""
+    return token_logps_chunked(hidden, weight, labels, chunk_size).sum(-1)
+
+
+def student_loss_chunked(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logps: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 100.0,
+    n_tokens: Tensor | float | None = None,
+    chunk_size: int | None = None,
+) -> pk.StudentLoss:
+    """proxykd.student_loss (Eq. 7 + alpha * Eq. 10 = Eq. 11) from hidden (B, T, D) and weight (V, D)
+    instead of logits; same arguments, reduction and result (equal up to float rounding). As a head_fn:
+    `model(tokens, head_fn=lambda h, w: student_loss_chunked(h, w, labels, ids, lps, wts, n_tokens=N))`.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    ids, p_lp = _clean_topk(topk_ids, topk_logps, m.view(B, T - 1), w.dtype)
+    k = ids.shape[-1]
+    lp, kl = _map_chunks(_student_rows, chunk_size, h, w, y, ids.reshape(-1, k), p_lp.reshape(-1, k))
+    lp = lp.masked_fill(~m, 0.0).view(B, T - 1)
+    kl_seq = kl.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
+    return _student_reduce(lp, kl_seq, labels, weights, alpha, n_tokens)
+
+
+@torch.no_grad()
+def topk_logps_chunked(
+    hidden: Tensor, weight: Tensor, labels: Tensor, k: int, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """proxykd.topk_logps chunked: the proxy cache for Eq. 8-9 in one pass. hidden (B, T, D), weight (V, D),
+    labels (B, T) ->
+    (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k) fp32 log pi_p normalised over the full
+    vocabulary, sorted descending, seq_logps (B,) log pi_p(y|x) over response tokens).
+    Entry t is pi_p's distribution for predicting labels[:, t+1]; only positions with
+    response_mask(labels) True are meaningful (the rest are computed but ignored downstream).
+    No gradients. With k = 1, topk_ids[..., 0] == labels[:, 1:] is the top-1 agreement.
+    """
+    B, T, _ = hidden.shape
+    h, w, y, m = _chunk_rows(hidden, weight, labels)
+
+    def rows(h_c: Tensor, w_c: Tensor, y_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = F.linear(h_c.to(w_c.dtype), w_c)  # (n, V)
+        lse = logits.logsumexp(-1)
+        vals, ids = logits.topk(k, dim=-1)
+        return ids.to(torch.int32), vals - lse.unsqueeze(-1), _label_logps(logits, y_c, lse)
+
+    ids, lps, lp = _map_chunks(rows, chunk_size, h, w, y)
+    seq = lp.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
+    return ids.view(B, T - 1, k), lps.view(B, T - 1, k), seq
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused variants: the chunked functions' values and gradients, faster, and what the training steps use.
+# Three things make them fast, none of which changes a number beyond float rounding:
+# - Only response rows reach the head: prompt and pad positions are never scored, so their logits are
+#   never computed (transformers computes them all). Counting those rows is one host sync.
+# - Each chunk's gradient with respect to the hidden states is computed during the forward, while its
+#   logits exist anyway (Liger's fused linear cross-entropy, generalised to per-position outputs), so the
+#   backward neither keeps nor recomputes logits: it scales stored (n, D) rows.
+# - The losses see a row's logits only through a few log-probabilities: log q(y_t), log q on the k cached
+#   ids and log q of the tail bucket (everything else). So d loss / d logits is q * (one number per row)
+#   plus a few sparse entries, and it is built in place in the chunk's one fp32 (n_c, V) buffer. The
+#   losses themselves are differentiated by autograd, but on those (n_c, 1 + k + 1) log-probabilities.
+# Matmuls run in the model's dtype (bf16 logits on a bf16 base, as transformers computes them), the
+# softmax and the losses in fp32.
+
+
+def _head_buffers(rows: int, w_mm: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """The (rows, V) blocks _head_chunk works in, allocated once per call and reused by every chunk: a
+    fresh vocab-sized allocation per chunk costs page faults on the CPU (measured 10x the copy itself)."""
+    V = w_mm.shape[0]
+    buf = torch.empty(rows, V, dtype=dtype, device=w_mm.device)
+    return buf, None if w_mm.dtype == dtype else torch.empty(rows, V, dtype=w_mm.dtype, device=w_mm.device)
+
+
+def _head_chunk(h: Tensor, w_mm: Tensor, dtype: torch.dtype, fn, y: Tensor, ids: Tensor | None,
+                rows: list[Tensor], coef: Tensor | None, bufs: tuple[Tensor, Tensor | None]
+                ) -> tuple[Tensor, Tensor | None]:
+    """One chunk of the fused head. h (n, D), w_mm (V, D) in the matmul dtype, y (n,) targets, ids (n, k)
+    cached ids or None, rows: fn's extra (n, ...) inputs, coef (n, m) or None, bufs from _head_buffers
+    (at least n rows; g below lives in them, valid until the next call).
+
+    out = fn(log q(y) (n,), log q(ids) (n, k) or None, log q(tail) (n,) or None, *rows) -> (n, m), with
+    q = softmax(h @ w.T) in `dtype` and the tail = every id not in ids (None when ids is None or k >= V).
+    Returns (out detached, g (n, V) in w_mm's dtype = d sum(coef * out) / d logits), g None without coef.
+    log q(tail) is floored at exp(-87) (fp32's smallest normal) times q's largest entry.
+    """
+    n = h.shape[0]
+    buf, mm_buf = bufs[0][:n], None if bufs[1] is None else bufs[1][:n]
+    if mm_buf is None:
+        x = torch.mm(h.to(w_mm.dtype), w_mm.T, out=buf)  # (n, V) logits, overwritten in place below
+    else:  # matmul in bf16, everything after it in fp32
+        x = buf.copy_(torch.mm(h.to(w_mm.dtype), w_mm.T, out=mm_buf))
+    tail = ids is not None and ids.shape[-1] < x.shape[-1]
+    l_y = x.gather(1, y.unsqueeze(1)).squeeze(1)
+    l_k = None if ids is None else x.gather(1, ids)
+    mx = x.amax(-1, keepdim=True)
+    e = x.sub_(mx).exp_()  # exp(logits - max): q * z
+    z = e.sum(-1)
+    lse = mx.squeeze(1) + z.log()
+    lq = [l_y - lse, None if ids is None else l_k - lse.unsqueeze(1), None]
+    if tail:  # the tail's mass summed directly (no 1 - sum_k q cancellation), K entries zeroed then restored
+        e_k = e.gather(1, ids)
+        z_tail = e.scatter_(1, ids, 0.0).sum(-1).clamp(min=torch.finfo(dtype).tiny)
+        e.scatter_(1, ids, e_k)
+        lq[2] = z_tail.log() - z.log()
+    if coef is None:
+        return fn(*lq, *rows).detach(), None
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in lq]
+    with torch.enable_grad():
+        out = fn(*inputs, *rows)
+        used = [t for t in inputs if t is not None]
+        grads = iter(torch.autograd.grad(out, used, coef.to(out.dtype), allow_unused=True))
+    a, b, c = (None if t is None else next(grads) for t in inputs)
+    a = torch.zeros_like(l_y) if a is None else a
+    # d log q(y) / d l_j = [j = y] - q_j; d log q(id_i) / d l_j = [j = id_i] - q_j;
+    # d log q(tail) / d l_j = [j in tail] q_j / q(tail) - q_j. Summed with weights a, b_i, c:
+    r = -a
+    if b is not None:
+        r = r - b.sum(-1)
+    r = r / z if c is None else (r - c) / z  # c is None without a tail bucket
+    g = e.mul_((r if c is None else r + c / z_tail).unsqueeze(1))
+    if c is not None:  # the K entries are not in the tail: set them without its term (subtracting it
+        g.scatter_(1, ids, e_k * r.unsqueeze(1))  # again would cancel catastrophically for a tiny tail)
+    g.scatter_add_(1, y.unsqueeze(1), a.unsqueeze(1))
+    if b is not None:
+        g.scatter_add_(1, ids, b)
+    return out.detach(), g if mm_buf is None else mm_buf.copy_(g)
+
+
+class _FusedHead(torch.autograd.Function):
+    """Per-position outputs of a linear head, with their hidden-state gradients taken in the forward.
+
+    forward(h (n, D), w (V, D), coef (n, m), fn, chunk_size (None or 0: default_chunk_size), y (n,),
+    ids (n, k) or None, *rows (n, ...))
+    -> (s (n,), out (n, m)): out = fn(log q(y), log q(ids), log q(tail), *rows) chunk by chunk (see
+    _head_chunk), s = (coef * out).sum(-1). Only s carries a gradient. Fixing how each row's m outputs
+    combine (coef, constants) before the upstream gradient is known is what lets
+    d s_t / d h_t = (d s_t / d logits_t) @ w be computed in the forward; the backward is then
+    grad_h = grad_s[:, None] * those rows.
+    A trainable w (tied embeddings, full fine-tuning; not LoRA) needs grad_s inside its sum over rows, so
+    its gradient is computed in the backward by recomputing each chunk, as the checkpointed version does.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, coef, fn, chunk_size, y, ids, *rows):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        chunk_size = chunk_size or default_chunk_size(w.shape[0], h.device)
+        w_mm, dtype = w.to(torch.promote_types(h.dtype, w.dtype)), _compute_dtype(h, w)
+        outs, dh, bufs = [], [], _head_buffers(min(chunk_size, h.shape[0]), w_mm, dtype)
+        for s in range(0, max(h.shape[0], 1), chunk_size):
+            sl = slice(s, s + chunk_size)
+            out, g = _head_chunk(h[sl], w_mm, dtype, fn, y[sl], None if ids is None else ids[sl],
+                                 [r[sl] for r in rows], coef[sl] if need_h else None, bufs)
+            outs.append(out)
+            if need_h:
+                dh.append(g @ w_mm)  # (n_c, D)
+        out = torch.cat(outs)
+        ctx.fn, ctx.chunk_size, ctx.n_rows, ctx.h_dtype = fn, chunk_size, len(rows), h.dtype
+        ctx.save_for_backward(torch.cat(dh) if need_h else None, *((h, w, coef, y, ids, *rows) if need_w else ()))
+        ctx.mark_non_differentiable(out)
+        return (coef.to(out.dtype) * out).sum(-1), out
+
+    @staticmethod
+    def backward(ctx, grad_s, _):
+        dh, *saved = ctx.saved_tensors
+        grad_h = None if dh is None else (grad_s.unsqueeze(-1) * dh.to(grad_s.dtype)).to(ctx.h_dtype)
+        grad_w = None
+        if saved:
+            h, w, coef, y, ids, *rows = saved
+            w_mm, dtype, c = w.to(torch.promote_types(h.dtype, w.dtype)), _compute_dtype(h, w), ctx.chunk_size
+            grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device)
+            bufs = _head_buffers(min(c, h.shape[0]), w_mm, dtype)
+            for s in range(0, max(h.shape[0], 1), c):
+                sl = slice(s, s + c)
+                _, g = _head_chunk(h[sl], w_mm, dtype, ctx.fn, y[sl], None if ids is None else ids[sl],
+                                   [r[sl] for r in rows], coef[sl] * grad_s[sl, None], bufs)
+                grad_w += g.T @ h[sl].to(w_mm.dtype)  # (V, D)
+            grad_w = grad_w.to(w.dtype)
+        return (grad_h, grad_w, None, None, None, None, None) + (None,) * ctx.n_rows
+
+
+def _logp_cols(lq_y: Tensor, lq_k: None, lq_tail: None) -> Tensor:
+    return lq_y.unsqueeze(-1)  # (n, 1)
+
+
+def _student_cols(lq_y: Tensor, lq_k: Tensor, lq_tail: Tensor | None, p_lp: Tensor) -> Tensor:
+    return torch.stack([lq_y, _coarse_kl_logq(lq_k, lq_tail, p_lp)], -1)  # (n, 2)
+
+
+def _response_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> h (n, D) the hidden states of the n scored positions (labels[:, t+1] a response token),
+    idx (n,) their flat index in the (B*(T-1),) shifted grid, y (n,) their targets."""
+    B, T, D = hidden.shape
+    y, m = pk.shift_labels(labels)
+    idx = m.reshape(-1).nonzero().squeeze(-1)  # the one host sync
+    b, t = idx // (T - 1), idx % (T - 1)
+    return hidden.reshape(B * T, D).index_select(0, b * T + t), idx, y.reshape(-1)[idx]
+
+
+def _scatter_rows(x: Tensor, idx: Tensor, B: int, T: int) -> Tensor:
+    """x (n,) at flat shifted positions idx -> (B, T-1), 0 elsewhere (differentiable in x). Not a view:
+    it may be returned from an FSDP2 root forward (head_fn), whose backward hook a view would lose."""
+    return x.new_zeros(B, T - 1).index_put((idx // (T - 1), idx % (T - 1)), x)
+
+
+def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+    """token_logps_chunked (Eq. 1 per position) computed by the fused head: same arguments, same result
+    (B, T-1) fp32, 0 where masked, up to the rounding of the matmuls in hidden's / weight's dtype."""
+    B, T, _ = hidden.shape
+    h, idx, y = _response_rows(hidden, labels)
+    coef = torch.ones(h.shape[0], 1, dtype=_compute_dtype(hidden, weight), device=hidden.device)
+    lp, _ = _FusedHead.apply(h, weight, coef, _logp_cols, chunk_size, y, None)
+    return _scatter_rows(lp, idx, B, T)
+
+
+def sequence_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
+    """sequence_logps_chunked (Eq. 1, 3, 4, 9) by the fused head: hidden (B, T, D), weight (V, D),
+    labels (B, T) -> (B,) fp32. The proxy's NLL + DPO forward over [y; y_hat]."""
+    return token_logps_fused(hidden, weight, labels, chunk_size).sum(-1)
+
+
+def student_loss_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    topk_ids: Tensor,
+    topk_logps: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 100.0,
+    n_tokens: Tensor | float | None = None,
+    chunk_size: int | None = None,
+) -> pk.StudentLoss:
+    """student_loss_chunked (Eq. 11 = Eq. 7 + alpha * Eq. 10) by the fused head: same arguments and result.
+
+    Eq. 11 is linear in each position's (log pi_s(y_t), KL_t) with known coefficients (-1 / N and
+    alpha * w_i / N), which is what the fused head needs to differentiate in the forward.
+    """
+    B, T, _ = hidden.shape
+    dtype = _compute_dtype(hidden, weight)
+    h, idx, y = _response_rows(hidden, labels)
+    k = topk_ids.shape[-1]
+    ids = topk_ids.reshape(-1, k)[idx].long()
+    p_lp = topk_logps.reshape(-1, k)[idx].detach().to(dtype)
+    n = _divisor(n_tokens, labels)
+    w = torch.ones(B, dtype=dtype, device=hidden.device) if weights is None else weights.detach().to(dtype)
+    coef = torch.stack([-torch.ones_like(p_lp[:, 0]), alpha * w[idx // (T - 1)]], -1) / n  # d Eq. 11 / d (lp, KL)
+    s, out = _FusedHead.apply(h, weight, coef, _student_cols, chunk_size, y, ids, p_lp)
+    lp = _scatter_rows(out[:, 0], idx, B, T)
+    kl_seq = _scatter_rows(out[:, 1], idx, B, T).sum(-1)
+    nll = -lp.sum() / n
+    wkl = (w * kl_seq).sum() / n
+    return pk.StudentLoss(s.sum(), nll, wkl, kl_seq)  # s.sum() = nll + alpha * wkl, differentiable

@@ -1,0 +1,224 @@
+"""The fast paths of fast.py against the references of proxykd.py: values and gradients (with respect to
+the hidden states and, where trainable, the output weight), masking, accumulation, dtypes, memory, and
+the proxy cache's producer and layout. fp64 wherever values are compared tightly."""
+
+import weakref
+
+import pytest
+import torch
+
+import fast
+import plumbing
+import proxykd as pk
+from test_losses import (
+    F64,
+    _student_setup,
+    check_gradient_accumulation_equals_big_batch,
+    check_masked_positions_contribute_nothing,
+    make_labels,
+    random_topk,
+)
+
+
+@pytest.mark.parametrize("head", ["chunked", "fused"])
+def test_masked_positions_contribute_nothing(head):
+    f = fast.student_loss_chunked if head == "chunked" else fast.student_loss_fused
+    check_masked_positions_contribute_nothing(lambda *args: f(*args, chunk_size=5))
+
+
+@pytest.mark.parametrize("head", ["chunked", "fused"])
+def test_gradient_accumulation_equals_big_batch(head):
+    # fused: W is trainable, so its gradient takes the recompute path
+    f = fast.student_loss_chunked if head == "chunked" else fast.student_loss_fused
+    check_gradient_accumulation_equals_big_batch(lambda *args: f(*args, chunk_size=4))
+
+
+def test_chunked_equals_reference_values_and_grads():
+    _, labels, hidden, W, ids, lps, weights = _student_setup(13)
+
+    def grads(f):
+        out = f()
+        return (out,) + torch.autograd.grad(out, (hidden, W))
+
+    for chunk in (1, 5, 7, 1000):  # 1000 > B*(T-1): a single chunk
+        pairs = [
+            (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
+             lambda: fast.token_logps_chunked(hidden, W, labels, chunk).pow(2).sum()),
+            (lambda: pk.sequence_logps(hidden @ W.T, labels).sum(),
+             lambda: fast.sequence_logps_chunked(hidden, W, labels, chunk).sum()),
+            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss,
+             lambda: fast.student_loss_chunked(hidden, W, labels, ids, lps, weights, chunk_size=chunk).loss),
+        ]
+        for ref_f, chk_f in pairs:
+            for a, b in zip(grads(ref_f), grads(chk_f)):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 5, 15])  # 15 = V
+def test_topk_logps_chunked_equals_reference(k):
+    """The cache's producer against proxykd.topk_logps from full logits. Two vocabulary rows are made
+    equal, so tokens tie at every position; tied tokens may come in either order, anything else may not."""
+    _, labels, hidden, W, _, _, _ = _student_setup(21, V=15)
+    hidden, W = hidden.detach(), W.detach().clone()
+    W[7] = W[3]
+    B, T, _ = hidden.shape
+    ref_ids, ref_lps, ref_seq = pk.topk_logps(hidden @ W.T, labels, k)
+    full = (hidden @ W.T)[:, :-1].log_softmax(-1)
+    # tied[b, t, i]: another token has the log-prob of the i-th listed one
+    tied = ((full.unsqueeze(-2) - ref_lps.unsqueeze(-1)).abs() < 1e-9).sum(-1) > 1
+    assert tied.any() or k < 15
+    for chunk in (1, 4, None, 1000):
+        ids, lps, seq = fast.topk_logps_chunked(hidden, W, labels, k, chunk)
+        assert ids.dtype == torch.int32 and ids.shape == lps.shape == (B, T - 1, k)
+        torch.testing.assert_close(lps, ref_lps, rtol=1e-12, atol=1e-12)  # sorted descending, like the reference
+        torch.testing.assert_close(seq, ref_seq, rtol=1e-12, atol=1e-12)
+        assert (ids.long().sort(-1).values.diff(dim=-1) > 0).all()  # k distinct tokens
+        torch.testing.assert_close(full.gather(-1, ids.long()), lps, rtol=1e-12, atol=1e-12)
+        assert torch.equal(ids[~tied], ref_ids[~tied])
+
+
+def test_default_chunk_size_keeps_cpu_blocks_at_16_mib():
+    for V in (7, 1000, 32000, 128256, 1 << 23):
+        rows = fast.default_chunk_size(V, "cpu")
+        assert rows >= 1 and (rows == 1 or rows * V * 4 <= 16 << 20) and (rows + 1) * V * 4 > 16 << 20
+        assert fast.default_chunk_size(V, "cuda") == fast.default_chunk_size(V, torch.device("meta")) == 1024
+
+
+@pytest.mark.parametrize("k", [4, 15])  # 15 = V: no tail bucket
+@pytest.mark.parametrize("trainable_w", [False, True])
+def test_fused_equals_reference_values_and_grads(trainable_w, k):
+    """The fused head (gradients taken in the forward) against the full-logits losses, fp64: values, and
+    gradients wrt hidden and (when it requires grad) W, under upstream gradients that differ per position
+    (pow(2), DPO) so a wrong per-row scale could not hide behind a plain sum."""
+    _, labels, hidden, W, ids, lps, weights = _student_setup(17, V=15, k=k)
+    W = W.detach().requires_grad_(trainable_w)
+    B = hidden.shape[0]
+    ref_logps = torch.randn(2, B, dtype=F64)
+    wrt = (hidden, W) if trainable_w else (hidden,)
+
+    def grads(out):
+        return (out,) + torch.autograd.grad(out, wrt)
+
+    def dpo(lp):
+        return pk.dpo_loss(lp, lp.flip(0), *ref_logps)[0].sum()
+
+    for chunk in (1, 5, 7, 1000):  # 1000 > B*(T-1): a single chunk
+        pairs = [
+            (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
+             lambda: fast.token_logps_fused(hidden, W, labels, chunk).pow(2).sum()),
+            (lambda: dpo(pk.sequence_logps(hidden @ W.T, labels)),
+             lambda: dpo(fast.sequence_logps_fused(hidden, W, labels, chunk))),
+            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights, alpha=3.0, n_tokens=11.0).loss,
+             lambda: fast.student_loss_fused(hidden, W, labels, ids, lps, weights, 3.0, 11.0, chunk).loss),
+            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps).loss,
+             lambda: fast.student_loss_fused(hidden, W, labels, ids, lps, chunk_size=chunk).loss),
+        ]
+        for ref_f, fused_f in pairs:
+            for a, b in zip(grads(ref_f()), grads(fused_f())):
+                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+        ref = pk.student_loss(hidden @ W.T, labels, ids, lps, weights)
+        out = fast.student_loss_fused(hidden, W, labels, ids, lps, weights, chunk_size=chunk)
+        for a, b in zip(ref, out):
+            torch.testing.assert_close(b, a.detach(), rtol=1e-10, atol=1e-12)
+        assert not (out.nll.requires_grad or out.wkl.requires_grad or out.kl.requires_grad)
+    with torch.no_grad():  # no gradient wanted: values only
+        torch.testing.assert_close(fast.sequence_logps_fused(hidden, W, labels, 4), pk.sequence_logps(hidden @ W.T, labels))
+
+
+def test_fused_tail_bucket_when_student_is_peaked():
+    """The fused head sums the tail's probability directly rather than as 1 - sum_k q: a student that puts
+    all but ~e^-60 of its mass on the k cached ids still gets Eq. 8's tail term and its gradient right in
+    fp32, where 1 - sum_k q would be 0 and the KL infinite."""
+    g = torch.Generator().manual_seed(19)
+    B, T, V, k = 2, 6, 40, 3
+    labels = make_labels(g, [(1, 6), (2, 5)], T, V)
+    _, ids, lps = random_topk(g, B, T - 1, V, k)
+    logits = torch.randn(B, T, V, generator=g, dtype=F64)
+    logits[:, :-1].scatter_add_(-1, ids.long(), torch.full(ids.shape, 60.0, dtype=F64))
+    eye = torch.eye(V, dtype=F64)  # hidden = logits, W = I: the head's matmul is exact
+
+    def run(dtype):
+        h = logits.to(dtype).requires_grad_()
+        out = fast.student_loss_fused(h, eye.to(dtype), labels, ids, lps, chunk_size=4)
+        return out.loss, out.kl, torch.autograd.grad(out.loss, h)[0]
+
+    h64 = logits.clone().requires_grad_()
+    ref = pk.student_loss(h64 @ eye.T, labels, ids, lps)
+    ref_grad = torch.autograd.grad(ref.loss, h64)[0]
+    assert ref.kl.min() > 10  # the tail term dominates: p_tail * 60
+    loss, kl, grad = run(torch.float32)
+    torch.testing.assert_close(kl.double(), ref.kl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), ref.loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_bf16_matmuls_fp32_losses():
+    """bf16 hidden / weight: the logits matmul runs in bf16 (as transformers computes logits), everything
+    after it in fp32; the gradient wrt hidden comes back in bf16 and close to the fp64 one."""
+    g = torch.Generator().manual_seed(18)
+    B, T, V, D = 2, 9, 50, 16
+    h = torch.randn(B, T, D, generator=g).bfloat16().requires_grad_()
+    W = torch.randn(V, D, generator=g).bfloat16()
+    labels = make_labels(g, [(1, 9), (2, 7)], T, V)
+    out = fast.sequence_logps_fused(h, W, labels, chunk_size=4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pk.sequence_logps((h @ W.T).float(), labels), rtol=1e-6, atol=1e-5)
+    (grad,) = torch.autograd.grad(out.sum(), h)
+    h64 = h.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(pk.sequence_logps(h64 @ W.double().T, labels).sum(), h64)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
+
+
+def test_chunked_bf16_inputs_are_upcast():
+    g = torch.Generator().manual_seed(14)
+    B, T, V, D = 2, 6, 50, 16
+    h = torch.randn(B, T, D, generator=g).bfloat16()
+    W = torch.randn(V, D, generator=g).bfloat16()
+    labels = make_labels(g, [(1, 6), (2, 5)], T, V)
+    out = fast.sequence_logps_chunked(h, W, labels, chunk_size=3)
+    assert out.dtype == torch.float32
+    ref = pk.sequence_logps(h.double() @ W.double().T, labels)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4)  # bf16 logits would be ~1e-1 off
+
+
+def test_chunked_keeps_no_vocab_sized_tensor_for_backward():
+    _, labels, hidden, W, ids, lps, weights = _student_setup(15, V=40, k=3)
+    V = W.shape[0]
+
+    def saved_shapes(f):
+        """Shapes of the tensors the result's graph still holds for its backward (the fused head's
+        forward builds and frees a graph of its own per chunk: those are not kept)."""
+        saved = []
+        pack = lambda t: saved.append(weakref.ref(t)) or t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = f()  # noqa: F841 (keeps the graph alive)
+        return [tuple(r().shape) for r in saved if r() is not None]
+
+    unchunked = saved_shapes(lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss)
+    chunked = saved_shapes(
+        lambda: fast.student_loss_chunked(hidden, W, labels, ids, lps, weights, chunk_size=4).loss
+    )
+    fused = saved_shapes(lambda: fast.student_loss_fused(hidden, W.detach(), labels, ids, lps, weights, chunk_size=4).loss)
+    assert any(s and s[-1] == V for s in unchunked)  # the probe sees full logits when they are kept
+    assert chunked and not any(s and s[-1] == V for s in chunked)
+    assert fused and not any(s and s[-1] == V for s in fused)
+
+
+def test_proxy_cache_roundtrip_and_self_distillation():
+    g = torch.Generator().manual_seed(17)
+    B, T, V, D, k = 3, 9, 30, 8, 6
+    h = torch.randn(B, T, D, generator=g)
+    W = torch.randn(V, D, generator=g)
+    labels = make_labels(g, [(2, 9), (4, 8), (1, 5)], T, V)
+    ids, lps, seq = fast.topk_logps_chunked(h, W, labels, k)
+    rows = plumbing.topk_rows(ids, lps.half(), labels)  # what a cache file stores
+    assert [r[0].shape[0] for r in rows] == pk.response_mask(labels).sum(1).tolist()
+    ids2, lps2 = plumbing.pad_topk(rows, labels)
+    mask = pk.response_mask(labels)
+    assert torch.equal(ids2[mask], ids[mask]) and torch.equal(lps2[mask], lps.half()[mask])
+    # a student identical to the proxy: KL ~ 0 up to the fp16 rounding of the cache
+    kl = pk.topk_kl(h @ W.T, ids2, lps2, mask)
+    assert (kl >= 0).all() and (kl < 1e-3).all()
+    with pytest.raises(ValueError):
+        plumbing.pad_topk(rows, make_labels(g, [(1, 9), (4, 8), (1, 5)], T, V))
