@@ -567,14 +567,14 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------------
-# outputs: the adapter, the merged model and what data trained it
+# outputs: the adapter, a merged model and what data trained it
 
 PROVENANCE = "provenance.json"
 
 
 def save_final(out_dir: str, model, tokenizer_path: str, base_dir: str, dtype: torch.dtype | None = None,
                provenance: dict | None = None) -> None:
-    """Collective. Write the trained adapter and the merged model:
+    """Collective. Write the trained adapter and a merged copy of the model:
       out_dir/adapter/  adapter_model.safetensors + adapter_config.json (PEFT layout)
       out_dir/final/    config.json + model.safetensors (HF format, W + (alpha/r) B A merged in fp32,
                         stored in `dtype`, default the base checkpoint's own dtype) + tokenizer.model

@@ -120,7 +120,7 @@ def steps_of(out: str) -> list[dict]:
 
 def test_run_writes_merged_proxy_and_logs(world, run_ws2):
     """A 2-rank run logs every step, evaluates at init / after warm-up / after each round, starts each
-    round's DPO exactly at its reference, and writes the merged proxy, the adapters and no leftovers."""
+    round's DPO exactly at its reference, and writes a merged proxy, the adapters and no leftovers."""
     recs = metrics(run_ws2)
     steps = steps_of(run_ws2)
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
@@ -149,7 +149,7 @@ def test_run_writes_merged_proxy_and_logs(world, run_ws2):
 
 
 def test_lora_trained_and_merged(world, run_ws2):
-    """The adapter moved (B starts at zero; A moved during alignment) and the merged output is exactly
+    """The adapter moved (B starts at zero; A moved during alignment) and its merged output is exactly
     base + (alpha / r) B A on the adapted linears, the base checkpoint elsewhere."""
     final, warm = adapter(os.path.join(run_ws2, "adapter")), adapter(os.path.join(run_ws2, "warmup", "adapter"))
     a_keys = sorted(k for k in final if "lora_A" in k)
@@ -189,7 +189,7 @@ def held_out_metrics(model: Llama, world) -> tuple[float, float]:
 
 def test_eval_matches_base_and_merged_model(world, run_ws2):
     """The run's held-out eval (sharded, in memory) equals brute force on the base model before training
-    (a fresh adapter changes nothing) and on the merged output after it. The latter also shows the
+    (a fresh adapter changes nothing) and on its merged output after it. The latter also shows the
     trained weights are exactly base + adapter: no base weight moved during training."""
     evals = [r for r in metrics(run_ws2) if "eval_nll" in r]
     for rec, path in ((evals[0], world["base"]), (evals[-1], os.path.join(run_ws2, "final"))):

@@ -237,7 +237,7 @@ def test_reduce_mean_std_across_ranks(tmp_path):
 
 def test_student_trains_only_lora(world, run_kd):
     """The run logs every step with a positive KL term and held-out evals before and after; the adapter
-    moved, and the merged student is exactly base + (alpha / r) B A: base weights never changed."""
+    moved, and its merged student is exactly base + (alpha / r) B A: base weights never changed."""
     recs, steps = metrics(run_kd), steps_of(run_kd)
     assert [r["step"] for r in steps] == list(range(1, world["steps"] + 1))
     assert all(math.isfinite(r["loss"]) and r["wkl"] > 0 for r in steps)

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     run = plumbing.Run(cfg, model, optimizer, len(steps), "student", rank, world, device, evals, [config, *records])
     distil(run, cfg, steps, encoded, cache, weights, tok.pad_id, world, device)
 
-    # outputs: held-out NLL / top-1 agreement, the adapter (PEFT layout) and the merged student (HF format)
+    # outputs: held-out NLL / top-1 agreement, the adapter (PEFT layout) and a merged student (HF format)
     run.log_eval({"stage": "final"})
     run.finish(cfg.out)
 
