@@ -264,16 +264,14 @@ def test_student_trains_only_lora(world, run_kd):
             assert torch.equal(merged[name], w), name
 
 
-def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
-    """Step 1 runs at the initial student (LoRA B = 0: the bf16 base). Its logged loss / nll / wkl equal
-    Eq. 11 computed here from full fp32 logits over BOTH ranks' micro-batches, divided by their total
-    token count, with the cache's rows and Eq. 9 weights looked up by example id: the cross-rank
-    normalisation, the cache-to-position alignment and the weight lookup of the real 2-rank run."""
-    cache = open_cache(os.path.join(run_kd, "cache"))
+def eq11_of_first_step(world: dict, cache: plumbing.ProxyCache, train_ids: list[int]) -> tuple[float, float, float]:
+    """Brute force: (loss, nll, wkl) of a 2-rank run's first step over train_ids at the initial student
+    (LoRA B = 0: the bf16 base), from full fp32 logits over BOTH ranks' micro-batches divided by their
+    total token count, with the cache's rows, and Eq. 9 weights standardised over ALL of D_s."""
     s = torch.tensor([cache.seq[i] for i in world["d_s"]], dtype=torch.float64)
     w_of = dict(zip(world["d_s"], torch.sigmoid((s - s.mean()) / s.std(unbiased=False)).tolist()))
     cfg = ts.Config(batch_size=2, grad_accum=1, seed=SEED)
-    micro = [m for r in range(2) for m in plumbing.plan_steps(world["d_s"], cfg, r, 2, range(1))[0]]
+    micro = [m for r in range(2) for m in plumbing.plan_steps(train_ids, cfg, r, 2, range(1))[0]]
     examples = data.read_jsonl(world["data"])
     tok = world["tok"]
     batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id) for m in micro]
@@ -287,10 +285,39 @@ def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
             top_ids, top_lps = plumbing.pad_topk(cache.rows(m), b["labels"])
             out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
+    return loss, nll, wkl
+
+
+def test_first_step_loss_is_eq11_over_both_ranks(world, run_kd):
+    """Step 1's logged loss / nll / wkl equal Eq. 11 by brute force (eq11_of_first_step): the cross-rank
+    normalisation, the cache-to-position alignment and the weight lookup of the real 2-rank run."""
+    loss, nll, wkl = eq11_of_first_step(world, open_cache(os.path.join(run_kd, "cache")), world["d_s"])
     first = steps_of(run_kd)[0]
     assert first["loss"] == pytest.approx(loss, rel=1e-5)
     assert first["nll"] == pytest.approx(nll, rel=1e-5)
     assert first["wkl"] == pytest.approx(wkl, rel=1e-4)
+
+
+def test_max_examples_trains_on_the_first_n_with_the_full_cache_and_weights(world, run_kd):
+    """--max_examples 5 --epochs 2: the cache it builds holds all of D_s, row for row the full run's, and
+    Eq. 9's moments and weights are the full run's; the student trains on the first 5 examples of D_s
+    only (2 epochs of 2 global batches of 4, wrap-padded), and its first step is Eq. 11 on them."""
+    out, cache_dir = str(world["dir"] / "max5"), str(world["dir"] / "max5_cache")
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, "--cache_dir", cache_dir,
+                                 "--max_examples", "5", "--epochs", "2"]))
+    full, small = open_cache(os.path.join(run_kd, "cache")), open_cache(cache_dir)
+    assert set(small.where) == set(full.where) == set(world["d_s"])
+    for (a_ids, a_lps), (b_ids, b_lps) in zip(full.rows(world["d_s"]), small.rows(world["d_s"])):
+        assert torch.equal(a_ids, b_ids) and torch.equal(a_lps, b_lps)
+    assert small.seq == full.seq
+    weights = [next(r for r in metrics(o) if r.get("phase") == "weights") for o in (run_kd, out)]
+    assert weights[0] == weights[1]
+    config = next(r for r in metrics(out) if "config" in r)
+    assert (config["n_student"], config["n_train"], config["steps"]) == (len(world["d_s"]), 5, 4)
+    steps = steps_of(out)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    loss, nll, wkl = eq11_of_first_step(world, small, world["d_s"][:5])
+    assert steps[0]["loss"] == pytest.approx(loss, rel=1e-5) and steps[0]["wkl"] == pytest.approx(wkl, rel=1e-4)
 
 
 def test_resume_matches_uninterrupted(world, run_kd):

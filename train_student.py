@@ -12,8 +12,10 @@ Section 3.4, Eq. 7-11, Appendix A.1.
 
 D_s is data.split_indices(n, split_seed)["student"]: give the same --data and --split_seed as
 train_proxy.py, so it is the slice the proxy never trained on (checked against the proxy's
-provenance.json). --alpha 0 is black-box KD (Eq. 7 alone, no proxy); --no_weights sets w = 1. The README
-is the runbook (commands, outputs, the cache's files, resume); `--help` lists every flag.
+provenance.json). --alpha 0 is black-box KD (Eq. 7 alone, no proxy); --no_weights sets w = 1;
+--max_examples N trains on the first N examples of D_s only, while the cache and Eq. 9 stay those of all
+of D_s. The README is the runbook (commands, outputs, the cache's files, resume); `--help` lists every
+flag.
 """
 
 import dataclasses
@@ -59,6 +61,7 @@ class Config:
     lr: float = 1e-5  # Adam, constant (paper)
     optimizer: str = "adam"  # adam (paper) or sgd (tests: its update is proportional to the gradient, Adam's is not)
     epochs: int = 1  # passes over D_s (paper: one epoch)
+    max_examples: int = 0  # train on the first N examples of D_s only (0 = all); the cache and Eq. 9 stay all of D_s's
     alpha: float = 100.0  # weight of the KL term in Eq. 11 (paper: 100); 0 = black-box KD, plain SFT, no proxy
     no_weights: bool = False  # w = 1: unweighted KL, Eq. 8 instead of Eq. 10 (ablation)
     weight_per_token: bool = False  # Eq. 9 on log pi_p(y|x) / |y| instead of the sequence sum (not in the paper)
@@ -121,8 +124,10 @@ def main(argv=None) -> None:
     model = plumbing.load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, DTYPES[cfg.base_dtype])
     model = plumbing.shard_model(model, cfg.activation_checkpointing)
     optimizer = plumbing.make_optimizer(model, cfg)
-    steps = plumbing.plan_steps(d_s, cfg, rank, world, range(cfg.epochs))
-    config = {"step": 0, "config": dataclasses.asdict(cfg), "world_size": world, "n_student": len(d_s), "steps": len(steps)}
+    train_ids = d_s[: cfg.max_examples] if cfg.max_examples else d_s  # a student-only data budget, in the data's order
+    steps = plumbing.plan_steps(train_ids, cfg, rank, world, range(cfg.epochs))
+    config = {"step": 0, "config": dataclasses.asdict(cfg), "world_size": world, "n_student": len(d_s),
+              "n_train": len(train_ids), "steps": len(steps)}
     run = plumbing.Run(cfg, model, optimizer, len(steps), "student", rank, world, device, evals, [config, *records])
     distil(run, cfg, steps, encoded, cache, weights, tok.pad_id, world, device)
 
@@ -279,6 +284,8 @@ def parse_args(argv=None) -> Config:
         p.error("--cache_dtype must be float16 or bfloat16")
     if cfg.alpha < 0 or cfg.topk < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.cache_flush_every < 1:
         p.error("--alpha >= 0, --topk, --batch_size, --grad_accum and --cache_flush_every >= 1")
+    if cfg.max_examples < 0 or cfg.epochs < 1:
+        p.error("--max_examples >= 0 and --epochs >= 1")
     cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.out, "cache")
     return cfg
 
