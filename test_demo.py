@@ -4,6 +4,7 @@ column uses) against sampling frequencies and the chain rule, and the demo token
 
 import collections
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -41,6 +42,18 @@ def tok(demo):
     return demo["tok"]
 
 
+@pytest.fixture(scope="module")
+def rich_tok(tmp_path_factory):
+    """A tokenizer trained on 300 replies of the rich teacher."""
+    d = tmp_path_factory.mktemp("rich")
+    path = demo_world.write_demo_jsonl(str(d / "teacher.jsonl"), 300, seed=0, rich=True)
+    return data.Tokenizer(demo_world.train_demo_tokenizer([path], str(d / "tok"), 320))
+
+
+def toks(request, rich: bool) -> data.Tokenizer:
+    return request.getfixturevalue("rich_tok" if rich else "tok")
+
+
 # ---------------------------------------------------------------------------------------------------
 # the teacher's grammar
 
@@ -54,7 +67,8 @@ def brute_force_answer(prompt: str) -> int:
     return nums[0][1] + sum(sign[words[j - 1]] * k for j, k in nums[1:])
 
 
-def test_teacher_always_right_and_arithmetic_checks():
+@pytest.mark.parametrize("rich", [False, True])
+def test_teacher_always_right_and_arithmetic_checks(rich):
     prompts = demo_world.make_demo_prompts(600, seed=11)
     assert prompts == demo_world.make_demo_prompts(600, seed=11) and prompts != demo_world.make_demo_prompts(600, seed=12)
     rng = np.random.default_rng(0)
@@ -62,13 +76,17 @@ def test_teacher_always_right_and_arithmetic_checks():
         truth = brute_force_answer(p)
         assert demo_world.reference_answer(p) == str(truth) and 0 <= truth <= 47
         assert demo_world.extract_answer(p) is None
-        reply = demo_world.demo_teacher(p, rng)
+        reply = demo_world.demo_teacher(p, rng, rich)
         assert demo_world.extract_answer(reply) == str(truth), (p, reply)
-        eqs = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", reply)
-        assert len(eqs) == len(re.findall(r"\d+", p)) - 1, "one equation per step"
+        eqs = re.findall(r"(\d+) ([+-]|plus|minus) (\d+) (?:=|is|makes) (\d+)", reply)
+        steps = len(re.findall(r"\d+", p)) - 1
+        if rich:  # a step may also be told as "... Now she has N." without its equation
+            assert len(eqs) + len(re.findall(r"\. (?:Now|So) [sh]*e (?:has|holds) \d+\.", reply)) == steps
+        else:
+            assert len(eqs) == steps, "one equation per step"
         for a, op, b, c in eqs:
-            assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
-        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]], "each step starts from the last"
+            assert int(c) == (int(a) + int(b) if op in ("+", "plus") else int(a) - int(b)) >= 0
+        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]] or rich, "each step starts from the last"
 
 
 def test_base_reply_right_but_not_in_teacher_form():
@@ -82,6 +100,16 @@ def test_base_reply_right_but_not_in_teacher_form():
             assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
         assert eqs[-1][3] == str(brute_force_answer(p)) == re.search(r"Total: (\d+)", reply).group(1)
         assert demo_world.extract_answer(reply) is None
+
+
+def test_rich_teacher_branches_more():
+    """The rich teacher draws from several times as many phrasings, every one of them right."""
+    prompt = demo_world.make_demo_prompts(1, seed=5, steps=(3, 3))[0]
+    default, rich = demo_world.teacher_segments(prompt), demo_world.teacher_segments(prompt, rich=True)
+    assert len(rich) == len(default) and all(len(r) >= 2 * len(d) for r, d in zip(rich, default))
+    assert all(math.isclose(sum(p for _, p in options), 1.0) for options in rich)
+    replies = {demo_world.demo_teacher(prompt, np.random.default_rng(s), rich=True) for s in range(60)}
+    assert len(replies) == 60 and {demo_world.extract_answer(r) for r in replies} == {demo_world.reference_answer(prompt)}
 
 
 def test_teacher_phrasing_branches():
@@ -136,24 +164,54 @@ def test_enumerated_replies_match_sampling_frequencies(steps):
     assert chi2(counts, replies, n) < chi2_bound(len(replies) - 1)
 
 
-def test_next_token_dists_chain_rule_and_sampling(tok):
-    prompt = demo_world.make_demo_prompts(1, seed=3, steps=(3, 3))[0]
-    replies = demo_world.demo_teacher_replies(prompt)
-    seq_probs = collections.defaultdict(float)  # token sequence -> probability (texts may share one)
+def enumerate_replies(prompt: str, rich: bool) -> dict[str, float]:
+    """Brute force: every reply, the product of its segments' probabilities, summed over equal texts."""
+    out = collections.defaultdict(float)
+    for combo in itertools.product(*demo_world.teacher_segments(prompt, rich)):
+        out[" ".join(t for t, _ in combo)] += math.prod(p for _, p in combo)
+    return out
+
+
+@pytest.mark.parametrize("rich,steps", [(False, (3, 3)), (True, (1, 1))])
+def test_next_token_dists_equal_brute_force(request, rich, steps):
+    """Along replies of a prompt small enough to enumerate (the rich teacher's one-step problems: 23,552
+    replies), each position's distribution is the enumeration's: the replies sharing the prefix,
+    grouped by their next token; and by the chain rule a reply's next-token probabilities multiply to
+    its probability."""
+    tok = toks(request, rich)
+    prompt = demo_world.make_demo_prompts(1, seed=3, steps=steps)[0]
+    replies = enumerate_replies(prompt, rich)
+    assert math.isclose(sum(replies.values()), 1.0, rel_tol=1e-9)
+    if not rich:
+        assert replies == pytest.approx(demo_world.demo_teacher_replies(prompt), rel=1e-12)
+    seqs = collections.defaultdict(float)  # token sequence -> probability (texts may share one)
     for text, p in replies.items():
-        seq_probs[tuple(tok.encode(text, eos=True))] += p
-    # chain rule, exactly: the product of a reply's next-token probabilities is the reply's probability
-    for text in list(replies)[::37]:
-        dists = demo_world.teacher_next_token_dists(tok, prompt, text)
-        ids = tok.encode(text, eos=True)
+        seqs[tuple(tok.encode(text, eos=True))] += p
+    for n, text in enumerate(list(replies)[:: max(1, len(replies) // 24)]):
+        dists = demo_world.teacher_next_token_dists(tok, prompt, text, rich)
+        ids = tuple(tok.encode(text, eos=True))
         assert len(dists) == len(ids)
-        assert all(math.isclose(sum(d.values()), 1.0, rel_tol=1e-12) for d in dists)
-        assert math.isclose(math.prod(d[y] for d, y in zip(dists, ids)), seq_probs[tuple(ids)], rel_tol=1e-9)
-    # sampling: along one sampled reply, the next-token frequencies among samples sharing its prefix
+        assert math.isclose(math.prod(d[y] for d, y in zip(dists, ids)), seqs[ids], rel_tol=1e-9)
+        alive = list(seqs.items()) if n % 4 == 0 else []  # every position of every 4th reply, brute force
+        for t, d in enumerate(dists if alive else []):
+            brute = collections.defaultdict(float)
+            for s, p in alive:
+                brute[s[t]] += p
+            z = sum(brute.values())
+            assert d == pytest.approx({v: p / z for v, p in brute.items()}, rel=1e-9, abs=1e-15)
+            alive = [(s, p) for s, p in alive if s[t] == ids[t]]
+
+
+@pytest.mark.parametrize("rich", [False, True])
+def test_next_token_dists_match_sampling(request, rich):
+    """Along one sampled reply of a three-step problem, the next-token frequencies among samples
+    sharing its prefix follow the exact distributions (chi-square)."""
+    tok = toks(request, rich)
+    prompt = demo_world.make_demo_prompts(1, seed=3, steps=(3, 3))[0]
     rng = np.random.default_rng(1)
-    samples = [tuple(tok.encode(demo_world.demo_teacher(prompt, rng), eos=True)) for _ in range(20_000)]
+    samples = [tuple(tok.encode(demo_world.demo_teacher(prompt, rng, rich), eos=True)) for _ in range(20_000)]
     target = samples[0]
-    dists = demo_world.teacher_next_token_dists(tok, prompt, tok.decode(target))
+    dists = demo_world.teacher_next_token_dists(tok, prompt, tok.decode(target), rich)
     stat = df = branches = 0
     alive = samples
     for t, d in enumerate(dists):
@@ -170,6 +228,21 @@ def test_next_token_dists_refuse_other_replies(tok):
     prompt = demo_world.make_demo_prompts(1, seed=3)[0]
     with pytest.raises(ValueError, match="not a reply"):
         demo_world.teacher_next_token_dists(tok, prompt, demo_world.demo_base_reply(prompt))
+    rich = demo_world.demo_teacher(prompt, 0, rich=True)
+    with pytest.raises(ValueError, match="not a reply"):
+        demo_world.teacher_next_token_dists(tok, prompt, rich)  # the rich teacher's reply, not the default's
+
+
+def test_rich_teacher_entropy_rises_several_fold(tok, rich_tok):
+    """Measured exactly on 30 replies each: the rich teacher's entropy per token and its share of
+    branching positions are at least 2.5 times the default teacher's."""
+    measured = {}
+    for rich, t in ((False, tok), (True, rich_tok)):
+        prompts = demo_world.make_demo_prompts(30, seed=8)
+        rng = np.random.default_rng(2)
+        dists = [d for p in prompts for d in demo_world.teacher_next_token_dists(t, p, demo_world.demo_teacher(p, rng, rich), rich)]
+        measured[rich] = demo_world.teacher_entropy(dists)
+    assert all(r >= 2.5 * d > 0 for r, d in zip(measured[True], measured[False])), measured
 
 
 def test_prompt_ranges():

@@ -22,11 +22,15 @@ Llama (model.py); the pipeline and the two training scripts are the real ones.
                agreement with the teacher's tokens and per-token NLL, and, because the teacher is a known
                grammar, the exact per-token KL(teacher || model) and agreement with the teacher's own
                argmax (the paper's Table 4 and Fig. 5) on the first --n_exact prompts
-               (demo_world.teacher_next_token_dists: every reply enumerated).
+               (demo_world.teacher_next_token_dists).
 
-Two studies sit behind flags (README, "Demo results"), each instead of the main table:
-  --sweep      the paper's regime: a proxy 8.5x the student, 3-4 step problems the small base gets wrong,
-               |D| in --sweep_budgets (one proxy each), black-box KD and Proxy-KD students x --seeds.
+Three studies sit behind flags (RESULTS.md), each instead of the main table:
+  --regime     where Proxy-KD beats black-box KD: the default teacher and a richer one (demo_world's
+               rich=True, several times its entropy), one aligned proxy each, and students trained on the
+               first N examples of D_s for N in --regime_sizes (epochs scaled so every cell sees about
+               |D_s| example-passes), --regime_seeds per cell; -weights students where Proxy-KD wins.
+  --sweep      a proxy 8.5x the student, 3-4 step problems the small base gets wrong, |D| in
+               --sweep_budgets (one proxy each), black-box KD and Proxy-KD students x --seeds.
   --dpo_sweep  the balance of Eq. 6 (NLL reduction, beta, lr) in --sweep's world at its middle budget:
                the proxy's exact KL and exact match, and its Proxy-KD students.
 
@@ -122,6 +126,12 @@ def parse_args(argv=None):
     p.add_argument("--dpo_sweep", action="store_true",
                    help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) of the proxy, in "
                         "--sweep's world at its middle budget")
+    p.add_argument("--regime", action="store_true",
+                   help="instead of the main table: black-box KD vs Proxy-KD over the student's data budget, for the "
+                        "default teacher and a richer one")
+    p.add_argument("--regime_sizes", default="40,150,450,1350",
+                   help="--regime: examples of D_s the students train on (the first N; the largest is all of D_s)")
+    p.add_argument("--regime_seeds", type=int, default=5, help="--regime: students per cell")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training run (>1: torchrun, gloo)")
     return p.parse_args(argv)
 
@@ -130,21 +140,21 @@ def parse_args(argv=None):
 # 1-2. the world and the pretrained bases
 
 
-def make_world(a, d: str, ranges: dict | None = None) -> dict:
+def make_world(a, d: str, ranges: dict | None = None, rich: bool = False) -> dict:
     """Teacher data, held-out set, pretraining corpus, tokenizer -> paths (each written once). ranges:
-    demo_world.make_demo_prompts's problem sizes (None: the main world's)."""
+    demo_world.make_demo_prompts's problem sizes (None: the main world's); rich: the richer teacher."""
     ranges = ranges or {}
     paths = dict(teacher=f"{d}/teacher.jsonl", heldout=f"{d}/heldout.jsonl", pretrain=f"{d}/pretrain.jsonl",
-                 tok=f"{d}/tok.model")
+                 tok=f"{d}/tok.model", rich=rich)
     if not os.path.exists(paths["teacher"]):
-        demo_world.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, **ranges)
+        demo_world.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, rich=rich, **ranges)
     if not os.path.exists(paths["heldout"]):
-        demo_world.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1, **ranges)
+        demo_world.write_demo_jsonl(paths["heldout"], a.n_eval, seed=1, rich=rich, **ranges)
     if not os.path.exists(paths["pretrain"]):
         # mostly the terse base style; a minority in the teacher's own style, so the bases know its words
         # (as a pretrained Llama knows GPT-4's) without preferring its way of answering
         rng = np.random.default_rng([2, 0xBA5E])
-        lines = [json.dumps({"prompt": p, "response": demo_world.demo_teacher(p, rng) if rng.random() < a.teacher_share
+        lines = [json.dumps({"prompt": p, "response": demo_world.demo_teacher(p, rng, rich) if rng.random() < a.teacher_share
                              else demo_world.demo_base_reply(p)}) + "\n"
                  for p in demo_world.make_demo_prompts(a.n_pretrain, seed=2, **ranges)]
         data.atomic_write(paths["pretrain"], "".join(lines))
@@ -274,14 +284,14 @@ def run_students(jobs: list[Job], a, desc: str) -> None:
 
 def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     """The teacher's exact next-token distributions on the teacher's replies to the first n held-out
-    prompts (demo_world.teacher_next_token_dists: every reply enumerated, tokenised, summed over shared
-    prefixes) -> dict(batch: collate dict, rows (N,) and cols (N,): where each response token's
-    prediction sits in the (B, T - 1) shifted grid, probs (N, V) fp64: the teacher's distribution there)."""
+    prompts (demo_world.teacher_next_token_dists) -> dict(batch: collate dict, rows (N,) and cols (N,):
+    where each response token's prediction sits in the (B, T - 1) shifted grid, probs (N, V) fp64: the
+    teacher's distribution there, entropy and branching: demo_world.teacher_entropy of them)."""
     held_out = data.read_jsonl(w["heldout"])[:n]
     encoded, rows, cols, dists = [], [], [], []
     for b, e in enumerate(held_out):
         enc = data.encode_example(tok, e, 256)
-        d = demo_world.teacher_next_token_dists(tok, e.prompt, e.response)
+        d = demo_world.teacher_next_token_dists(tok, e.prompt, e.response, w.get("rich", False))
         pos = [t - 1 for t, y in enumerate(enc["labels"]) if y != data.IGNORE_INDEX]  # logits at t-1 predict t
         assert len(pos) == len(d), "a truncated held-out reply"
         encoded.append(enc)
@@ -291,7 +301,9 @@ def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     probs = torch.zeros(len(dists), tok.vocab_size, dtype=torch.float64)
     for i, d in enumerate(dists):
         probs[i, list(d)] = torch.tensor(list(d.values()), dtype=torch.float64)
-    return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols), probs=probs)
+    entropy, branching = demo_world.teacher_entropy(dists)
+    return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols), probs=probs,
+                entropy=entropy, branching=branching)
 
 
 def exact_metrics(model, ex: dict, device) -> dict:
@@ -378,6 +390,17 @@ def summarise(rows: dict, seeds: int, n_eval: int, n_exact: int) -> tuple[str, d
 def mean_std(runs: list[dict], k: str) -> tuple:
     vals = [r[k] for r in runs if r.get(k) is not None]
     return (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else (None, None)
+
+
+def delta(runs: list[dict], ref: list[dict], k: str) -> tuple[float, float]:
+    """Mean of `runs` minus mean of `ref` in metric k, and the standard error of that difference."""
+    (m1, s1), (m0, s0) = mean_std(runs, k), mean_std(ref, k)
+    return m1 - m0, math.sqrt((s1 or 0) ** 2 / len(runs) + (s0 or 0) ** 2 / len(ref))
+
+
+def fmt_delta(d: float, se: float, pct: bool = True) -> str:
+    """A difference ± its standard error, starred where it exceeds two standard errors."""
+    return fmt(d, se, pct=pct) + (" *" if abs(d) > 2 * se else "")
 
 
 def evaluate_all(models: dict, w: dict, tok: data.Tokenizer, device, a, evals_path: str) -> dict:
@@ -494,9 +517,7 @@ def run_sweep(a, out: str, device, t0: float) -> None:
         return fmt(*mean_std(rows[label], k), pct=pct)
 
     def diff(k, n, pct=True):  # Proxy-KD minus black-box KD, ± the standard error of that difference
-        (m1, s1), (m0, s0) = mean_std(rows[f"proxykd n{n}"], k), mean_std(rows[f"bbkd n{n}"], k)
-        se = math.sqrt(((s1 or 0) ** 2 + (s0 or 0) ** 2) / a.seeds)
-        return fmt(m1 - m0, se, pct=pct) + (" *" if abs(m1 - m0) > 2 * se else "")
+        return fmt_delta(*delta(rows[f"proxykd n{n}"], rows[f"bbkd n{n}"], k), pct=pct)
 
     lines = [f"| model | params | exact match % | any form % | exact KL / token | top-1 = teacher's argmax % |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -575,6 +596,118 @@ def run_dpo_sweep(a, out: str, device, t0: float) -> None:
     write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
 
 
+# ---------------------------------------------------------------------------------------------------
+# --regime: where Proxy-KD beats black-box KD. Two teachers (the default and demo_world's rich one, about
+# three times the entropy per token), each with its own world, bases and one proxy aligned as the pipeline
+# does; then black-box KD and Proxy-KD students of the main world's size on the first N examples of D_s.
+# The proxy, its cache and the Eq. 9 moments stay those of the full D_s (train_student.py --max_examples).
+
+REGIME_VARIANTS = {"bbkd": (False, ["--alpha", "0"]), "proxykd": (True, []), "no_weights": (True, ["--no_weights"])}
+
+
+def regime_world(a, out: str, rich: bool) -> dict:
+    """One teacher's world, bases and aligned proxy: the main pipeline's (shared with it) for the default
+    teacher, a world of its own under out/regime/rich for the rich one."""
+    root = f"{out}/regime/rich" if rich else out
+    if rich:
+        print("regime: the rich teacher's world and bases", flush=True)
+        w = make_world(a, f"{root}/data", rich=True)
+        tok = data.Tokenizer(w["tok"])
+        bases = {"proxy": f"{root}/bases/proxy", "student": f"{root}/bases/student"}
+        pretrain(bases["proxy"], PROXY, w["pretrain"], tok, a.pretrain_steps, seed=0)
+        pretrain(bases["student"], STUDENT, w["pretrain"], tok, a.pretrain_steps, seed=1)
+    else:
+        w, tok, bases = prepare_main(a, out)
+    return dict(w=w, tok=tok, bases=bases, root=root, proxy=proxy_jobs(a, w, bases, root)[0])
+
+
+def regime_students(a, world: dict, sizes: list[int], n_s: int, variant: str, cells) -> dict:
+    """(size -> student jobs over the seeds) of one variant in the given cells. At the full size and the
+    main table's seeds a student is the main pipeline's own run (same arguments, same directory)."""
+    uses_proxy, extra = REGIME_VARIANTS[variant]
+    root, out = world["root"], {}
+    for n in sizes:
+        if n not in cells:
+            continue
+        # epochs scaled so each cell sees about |D_s| example-passes
+        budget = [] if n == n_s else ["--max_examples", str(n), "--epochs", str(max(1, round(n_s / n)))]
+        tag = "" if n == n_s else f"_n{n}"
+        out[n] = [student_job(a, world["w"], world["bases"]["student"], world["w"]["teacher"],
+                              f"{world['proxy'].out}/final" if uses_proxy else None,
+                              f"{root}/cache_proxy" if uses_proxy else None, s, extra + budget,
+                              f"{variant}{tag}_seed{s}", f"{root}/students/{variant}{tag}_seed{s}")
+                  for s in range(a.regime_seeds)]
+    return out
+
+
+def run_regime(a, out: str, device, t0: float) -> None:
+    sizes = sorted(int(n) for n in a.regime_sizes.split(","))
+    worlds = {"default": regime_world(a, out, rich=False), "rich": regime_world(a, out, rich=True)}
+    n_s = len(data.split_indices(a.n_teacher, 0)["student"])
+    if sizes[-1] > n_s:
+        sys.exit(f"--regime_sizes: the largest size, {sizes[-1]}, exceeds |D_s| = {n_s}")
+    print(f"regime: one aligned proxy per teacher  [{time.time() - t0:.0f} s]", flush=True)
+    run_jobs([wd["proxy"] for wd in worlds.values()], a, "regime proxies")
+    jobs = {(name, v): regime_students(a, wd, sizes, n_s, v, sizes) for name, wd in worlds.items() for v in ("bbkd", "proxykd")}
+    print(f"regime: {len(sizes)} data sizes x {a.regime_seeds} seeds x 2 students x 2 teachers  [{time.time() - t0:.0f} s]",
+          flush=True)
+    run_students([j for js in jobs.values() for cell in js.values() for j in cell], a, "regime students")
+
+    def evaluate_world(name: str, variants) -> dict:
+        wd = worlds[name]
+        models = {"proxy base": [wd["bases"]["proxy"]], "proxy aligned": [f"{wd['proxy'].out}/final"],
+                  "student base": [wd["bases"]["student"]]}
+        for v in variants:
+            for n, cell in jobs[name, v].items():
+                models[f"{v} n{n}"] = [f"{j.out}/final" for j in cell]
+        return evaluate_all(models, wd["w"], wd["tok"], device, a, f"{wd['root']}/evals.json")
+
+    print(f"regime: eval  [{time.time() - t0:.0f} s]", flush=True)
+    rows = {name: evaluate_world(name, ("bbkd", "proxykd")) for name in worlds}
+    # where Proxy-KD wins beyond two standard errors (exact match up, or exact KL down), Eq. 9's share:
+    # the same students without the weights
+    wins = {name: [n for n in sizes if any(sign * d > 2 * se for sign, (d, se) in
+                                           ((1, delta(r[f"proxykd n{n}"], r[f"bbkd n{n}"], "exact_match")),
+                                            (-1, delta(r[f"proxykd n{n}"], r[f"bbkd n{n}"], "kl"))))]
+            for name, r in rows.items()}
+    if any(wins.values()):
+        for name, cells in wins.items():
+            jobs[name, "no_weights"] = regime_students(a, worlds[name], sizes, n_s, "no_weights", cells)
+        run_students([j for name in worlds for cell in jobs.get((name, "no_weights"), {}).values() for j in cell], a,
+                     "regime -weights students")
+        rows = {name: evaluate_world(name, ("bbkd", "proxykd", "no_weights")) for name in worlds}
+
+    stats = {name: exact_teacher(wd["w"], wd["tok"], a.n_exact) for name, wd in worlds.items()}
+    lines = ["| teacher | entropy / token (nat) | branching positions % | proxy base exact KL | aligned proxy EM % | "
+             "aligned proxy exact KL | student base exact KL |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {stats[name]['entropy']:.3f} | {fmt(stats[name]['branching'])} | "
+                     f"{fmt(r['proxy base'][0]['kl'], pct=False)} | {fmt(r['proxy aligned'][0]['exact_match'])} | "
+                     f"{fmt(r['proxy aligned'][0]['kl'], pct=False)} | {fmt(r['student base'][0]['kl'], pct=False)} |")
+    lines += ["", "| teacher | N (epochs) | black-box KD EM % | Proxy-KD EM % | Δ EM | black-box KD exact KL | "
+              "Proxy-KD exact KL | Δ KL | black-box KD NLL | Proxy-KD NLL | Δ NLL | Proxy-KD -weights EM % / exact KL |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        for n in sizes:
+            bb, pkd, nw = r[f"bbkd n{n}"], r[f"proxykd n{n}"], r.get(f"no_weights n{n}")
+            cells = [f"{name}", f"{n} ({max(1, round(n_s / n))})"]
+            for k, pct in (("exact_match", True), ("kl", False), ("nll", False)):
+                cells += [fmt(*mean_std(bb, k), pct=pct), fmt(*mean_std(pkd, k), pct=pct), fmt_delta(*delta(pkd, bb, k), pct=pct)]
+            cells.append(f"{fmt(*mean_std(nw, 'exact_match'))} / {fmt(*mean_std(nw, 'kl'), pct=False)}" if nw else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Held-out: {a.n_eval} prompts per teacher (exact KL, entropy and branching: the first {a.n_exact}). "
+              f"Students: mean ± std over {a.regime_seeds} seeds, each trained on the first N examples of D_s (|D_s| = "
+              f"{n_s}) for the epochs in brackets; Δ = Proxy-KD minus black-box KD ± the standard error of the "
+              f"difference, * where |Δ| > 2 se. -weights: Proxy-KD with w = 1, run only where Proxy-KD wins (EM up or "
+              f"exact KL down beyond 2 se)."]
+    minutes = (time.time() - t0) / 60
+    header = (f"Proxy-KD demo --regime ({a.n_teacher} teacher examples per teacher, k = {a.rounds}, alpha = {a.alpha}, "
+              f"{a.threads} CPU threads, {minutes:.1f} min)\n")
+    write_results(f"{out}/regime", "results", header, "\n".join(lines),
+                  {"args": vars(a), "minutes": minutes, "teachers": {k: {"entropy": v["entropy"], "branching": v["branching"]}
+                                                                    for k, v in stats.items()}, "rows": rows})
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     t0 = time.time()
@@ -584,7 +717,9 @@ def main(argv=None) -> None:
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(a.threads)
     _, _, device = init_distributed()  # one-rank group: train_proxy.evaluate all_reduces its sums
-    if a.sweep:
+    if a.regime:
+        run_regime(a, out, device, t0)
+    elif a.sweep:
         run_sweep(a, out, device, t0)
     elif a.dpo_sweep:
         run_dpo_sweep(a, out, device, t0)

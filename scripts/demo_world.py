@@ -6,9 +6,16 @@ apples does Mia have?" (make_demo_prompts) with a worked reply (demo_teacher). I
 at random: one of 3 start sentences, one of 3 sentences per step (after the first, led by "Then" with
 probability 1/2), one of 4 final-answer forms. So its token distribution branches (the soft-label
 information a proxy can pass on), but its arithmetic and final number are always right, checkable with
-extract_answer(reply) == reference_answer(prompt). Because it is a known grammar, its distribution is
-computable exactly: demo_teacher_replies enumerates every reply with its probability, and
-teacher_next_token_dists gives its exact next-token distributions along any reply under a tokenizer.
+extract_answer(reply) == reference_answer(prompt). With rich=True it phrases far more freely (16
+openings; per step 184 sentence forms from synonyms, number words and units, each after the first led
+by one of 7 connectives; 8 answer forms): about three times the entropy per token, and three times the
+share of positions where it branches.
+
+Because it is a known grammar, its distribution is computable exactly. A reply is a chain of
+independently drawn segments joined by spaces (teacher_segments), and sentencepiece never merges across
+a space, so the exact next-token distribution along any reply follows from the segments' own token
+sequences (teacher_next_token_dists); demo_teacher_replies enumerates the default teacher's replies
+whole, a brute-force check of that computation.
 
 Also here: demo_base_reply (the demo bases' pretraining style), write_demo_jsonl (teacher data as the
 JSONL data.read_jsonl reads) and train_demo_tokenizer (a small sentencepiece model; with real data,
@@ -17,6 +24,7 @@ scripts/demo.py) or as `scripts.demo_world` (from the repository root, as in the
 """
 
 import collections
+import functools
 import io
 import itertools
 import json
@@ -109,21 +117,69 @@ def _teacher_choices(prompt: str) -> list[list[str]]:
     return out
 
 
+# the rich teacher's connectives before each step after the first ("" = none)
+_CONNECTIVES = ("", "Then ", "Next, ", "After that, ", "Later, ", "And then ", "Soon after, ")
+
+
+@functools.lru_cache(maxsize=64)  # a teacher drawing many replies to one prompt builds its options once
+def _rich_choices(prompt: str) -> tuple[tuple[str, ...], ...]:
+    """The rich teacher's options, each segment drawn uniformly: [openings], per step [its sentences,
+    after the first step each led by a connective], [answer forms]. Every option keeps the numbers right,
+    and every answer form is one extract_answer reads."""
+    name, item, count, steps = _parse_prompt(prompt)
+    pron = _NAMES[name]
+    P = pron.capitalize()
+    out = [[f"{first}, {name} {has} {count} {item}." for first in ("At first", "In the beginning", "To start", "Initially")
+            for has in ("has", "holds", "owns")] + [f"{name} {v} with {count}{rest}." for v in ("starts", "begins")
+                                                    for rest in ("", f" {item}")]]
+    for s, (verb, k) in enumerate(steps):
+        gerund, sign = _VERBS[verb]
+        new = count + sign * k
+        more = " more" if sign > 0 else ""
+        forms = []
+        for op in (("+", "plus") if sign > 0 else ("-", "minus")):
+            for eq in ("=", "is", "makes"):
+                for unit in ("", f" {item}"):
+                    calc = f"{count} {op} {k} {eq} {new}{unit}"
+                    forms += [f"{P} {verb} {k}, {so} {pron} {has} {calc}." for so in ("so", "which means", "and now", "so that")
+                              for has in ("has", "holds")]
+                    forms += [f"{after} {gerund} {k}{more}: {calc}." for after in ("After", "Upon", "On")]
+                    forms += [f"{calc}, {why} {pron} {verb} {k}." for why in ("as", "because", "since")]
+                    forms.append(f"{calc}.")
+        forms += [f"{P} {verb} {k}{more}. {now} {pron} {has} {new}." for now in ("Now", "So") for has in ("has", "holds")]
+        out.append(forms if s == 0 else [_lead(c, f) for c in _CONNECTIVES for f in forms])
+        count = new
+    out.append([f"The answer is {count}.", f"The answer is {count} {item}.", f"Answer: {count}", f"Answer: {count} {item}",
+                f"#### {count}", f"In the end, {name} has {count}.", f"In the end, {name} has {count} {item}.",
+                f"{P} has {count} now. The answer is {count}."])
+    return tuple(tuple(options) for options in out)
+
+
+def _lead(connective: str, sentence: str) -> str:
+    """A connective in front of a sentence, whose capital then drops ("Then she finds 3 ...")."""
+    if not connective:
+        return sentence
+    return connective + (sentence[0].lower() + sentence[1:] if sentence[0].isalpha() else sentence)
+
+
 def _then(sentence: str) -> str:
-    return "Then " + sentence[0].lower() + sentence[1:] if sentence[0].isalpha() else "Then " + sentence
+    return _lead("Then ", sentence)
 
 
-def demo_teacher(prompt: str, rng=None) -> str:
+def demo_teacher(prompt: str, rng=None, rich: bool = False) -> str:
     """The black-box teacher: a demo prompt -> a worked reply (text only).
 
     rng: np.random.Generator, an int seed, or None (fresh entropy, as an API would answer). The phrasing
     is sampled: 3 start sentences, 3 sentences per step (after the first, each led by "Then" with
-    probability 1/2), 4 answer forms, each choice uniform; the arithmetic and the final number are always
-    right. demo_teacher_replies lists every reply with its exact probability.
+    probability 1/2), 4 answer forms, each choice uniform; with rich=True, _rich_choices' segments, each
+    uniform. The arithmetic and the final number are always right. teacher_segments gives every
+    segment's options with their exact probabilities.
     """
     rng = np.random.default_rng(rng)
-    choices = _teacher_choices(prompt)
     pick = lambda options: options[rng.integers(len(options))]
+    if rich:
+        return " ".join(pick(options) for options in _rich_choices(prompt))
+    choices = _teacher_choices(prompt)
     out = [pick(choices[0])]
     for s, options in enumerate(choices[1:-1]):
         sentence = pick(options)
@@ -132,10 +188,11 @@ def demo_teacher(prompt: str, rng=None) -> str:
     return " ".join(out)
 
 
-def demo_teacher_replies(prompt: str) -> dict[str, float]:
-    """Every reply demo_teacher can give to prompt -> its exact probability (the values sum to 1): the
-    product of the uniform choices that build it, summed over choice paths giving the same text.
-    3 * 6^(steps - 1) * 3 * 4 replies: 216 for 2 steps, 1,296 for 3, 7,776 for 4."""
+def teacher_segments(prompt: str, rich: bool = False) -> list[list[tuple[str, float]]]:
+    """The teacher's reply as the chain of segments demo_teacher draws independently and joins with
+    spaces: per segment, its options (text, probability), the probabilities summing to 1."""
+    if rich:
+        return [[(o, 1 / len(options)) for o in options] for options in _rich_choices(prompt)]
     choices = _teacher_choices(prompt)
     segments = [[(o, 1 / len(choices[0])) for o in choices[0]]]
     for s, options in enumerate(choices[1:-1]):
@@ -143,37 +200,66 @@ def demo_teacher_replies(prompt: str) -> dict[str, float]:
         segments.append([(o, p) for o in options] if s == 0 else
                         [(o, p / 2) for o in options] + [(_then(o), p / 2) for o in options])
     segments.append([(o, 1 / len(choices[-1])) for o in choices[-1]])
+    return segments
+
+
+def demo_teacher_replies(prompt: str) -> dict[str, float]:
+    """Every reply the default demo_teacher can give to prompt -> its exact probability (the values sum
+    to 1): the product of the uniform choices that build it, summed over choice paths giving the same
+    text. 3 * 6^(steps - 1) * 3 * 4 replies: 216 for 2 steps, 1,296 for 3, 7,776 for 4."""
     out: dict[str, float] = {}
-    for combo in itertools.product(*segments):
+    for combo in itertools.product(*teacher_segments(prompt)):
         text = " ".join(t for t, _ in combo)
         out[text] = out.get(text, 0.0) + math.prod(p for _, p in combo)
     return out
 
 
-def teacher_next_token_dists(tok: Tokenizer, prompt: str, response: str) -> list[dict[int, float]]:
+def teacher_next_token_dists(tok: Tokenizer, prompt: str, response: str, rich: bool = False) -> list[dict[int, float]]:
     """The demo teacher's exact next-token distributions along one of its replies, tokenised as the
     models see it (tok.encode(response, eos=True), encode_example's response part): entry t maps each
     token v to P(token t = v | the reply's tokens before t).
 
-    Exact: enumerate every reply with its probability (demo_teacher_replies), tokenise each, and at each
-    position sum the probabilities of the replies that share the prefix, grouped by their next token.
-    ValueError if response is not a reply the teacher can give."""
-    replies = demo_teacher_replies(prompt)
-    seqs = [tok.encode(r, eos=True) for r in replies]
-    probs = list(replies.values())
-    target = tok.encode(response, eos=True)
-    alive = range(len(seqs))
+    Exact, from the grammar's structure. The reply's tokens are its segments' tokens in a row (a space
+    starts every segment after the first, and sentencepiece never merges across a space), then eos. Let
+    a[i][j] be the probability that segments 0..i-1 produce exactly the reply's first j tokens. Token t
+    lies in exactly one segment i, starting at some j <= t, so P(token t = v, tokens < t as in the reply)
+    = sum over i, j of a[i][j] * P(segment i's tokens start with reply[j:t] + [v]); normalising over v
+    gives the distribution. ValueError if response is not a reply the teacher can give."""
+    segments = []
+    for options in teacher_segments(prompt, rich) + [[(None, 1.0)]]:  # eos: a last segment of one token
+        merged: dict[tuple[int, ...], float] = collections.defaultdict(float)
+        for text, p in options:  # options of one segment may tokenise alike
+            merged[(tok.eos_id,) if text is None else tuple(tok.encode(text))] += p
+        segments.append(list(merged.items()))
+    target = tuple(tok.encode(response, eos=True))
+    a = [collections.defaultdict(float) for _ in range(len(segments) + 1)]
+    a[0][0] = 1.0
+    for i, options in enumerate(segments):
+        for j, a_ij in a[i].items():
+            for toks, p in options:
+                if target[j : j + len(toks)] == toks:
+                    a[i + 1][j + len(toks)] += a_ij * p
+    if not a[len(segments)].get(len(target)):
+        raise ValueError(f"not a reply the demo teacher gives to {prompt!r}: {response!r}")
     dists = []
-    for t, y in enumerate(target):
+    for t in range(len(target)):
         dist: dict[int, float] = collections.defaultdict(float)
-        for i in alive:  # every alive sequence shares target[:t] and so is longer than t (eos comes last)
-            dist[seqs[i][t]] += probs[i]
-        alive = [i for i in alive if seqs[i][t] == y]
-        if not alive:
-            raise ValueError(f"not a reply the demo teacher gives to {prompt!r}: {response!r}")
+        for i, options in enumerate(segments):
+            for j, a_ij in a[i].items():
+                if j <= t:
+                    for toks, p in options:
+                        if len(toks) > t - j and toks[: t - j] == target[j:t]:
+                            dist[toks[t - j]] += a_ij * p
         z = sum(dist.values())
         dists.append({v: p / z for v, p in dist.items()})
     return dists
+
+
+def teacher_entropy(dists: list[dict[int, float]]) -> tuple[float, float]:
+    """Exact next-token distributions along replies -> (mean entropy per token in nats, share of
+    positions where more than one token is possible)."""
+    h = sum(-sum(p * math.log(p) for p in d.values() if p > 0) for d in dists)
+    return h / max(len(dists), 1), sum(len(d) > 1 for d in dists) / max(len(dists), 1)
 
 
 def demo_base_reply(prompt: str) -> str:
@@ -197,11 +283,12 @@ def extract_answer(text: str) -> str | None:
     return str(int(hits[-1])) if hits else None
 
 
-def write_demo_jsonl(path: str, n: int, seed: int, **ranges) -> str:
-    """n teacher examples {"prompt", "response"} (deterministic in (n, seed, ranges); ranges go to
+def write_demo_jsonl(path: str, n: int, seed: int, rich: bool = False, **ranges) -> str:
+    """n teacher examples {"prompt", "response"} (deterministic in (n, seed, rich, ranges); ranges go to
     make_demo_prompts) -> path, written atomically."""
     rng = np.random.default_rng([seed, 0x7EAC])
-    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng)}) + "\n" for p in make_demo_prompts(n, seed, **ranges)]
+    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n"
+             for p in make_demo_prompts(n, seed, **ranges)]
     atomic_write(path, "".join(lines).encode("utf-8"))
     return path
 
