@@ -380,8 +380,8 @@ def summarise(rows: dict, seeds: int, n_eval: int, n_exact: int) -> tuple[str, d
                      f"{fmt(*agg['top1_agreement'])} | {fmt(*agg['nll'], pct=False)} | {fmt(*agg['kl'], pct=False)} | "
                      f"{fmt(*agg['teacher_top1'])} | {len(runs)} |")
     lines.append("")
-    lines.append(f"Held-out: {n_eval} prompts (exact KL and teacher's-argmax agreement: the first {n_exact}, every "
-                 f"reply of the teacher enumerated). Student rows: mean ± std over {seeds} seeds (LoRA init and batch "
+    lines.append(f"Held-out: {n_eval} prompts (exact KL and teacher's-argmax agreement: the first {n_exact}, from the "
+                 f"teacher's exact next-token distributions). Student rows: mean ± std over {seeds} seeds (LoRA init and batch "
                  f"order; same proxy and cache). One run's exact match on {n_eval} prompts has a binomial standard "
                  f"error of about {100 * math.sqrt(0.25 / n_eval):.1f} points at 50%.")
     return "\n".join(lines), out
