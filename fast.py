@@ -208,16 +208,20 @@ def topk_logps_chunked(
     response_mask(labels) True are meaningful (the rest are computed but ignored downstream).
     No gradients. With k = 1, topk_ids[..., 0] == labels[:, 1:] is the top-1 agreement.
     """
-    B, T, _ = hidden.shape
-    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    B, T, D = hidden.shape
+    y, m = pk.shift_labels(labels)
+    h, y, m = hidden[:, :-1].reshape(B * (T - 1), D), y.reshape(-1), m.reshape(-1)
+    dtype = _compute_dtype(hidden, weight)
 
     def rows(h_c: Tensor, w_c: Tensor, y_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        logits = F.linear(h_c.to(w_c.dtype), w_c)  # (n, V)
+        # the matmul in the weight's own dtype (bf16 on a bf16 proxy), then an fp32 (n, V) block: no fp32
+        # copy of the output weight (1 GiB at 70B) and no fp32 GEMM
+        logits = F.linear(h_c.to(w_c.dtype), w_c).to(dtype)  # (n, V)
         lse = logits.logsumexp(-1)
         vals, ids = logits.topk(k, dim=-1)
         return ids.to(torch.int32), vals - lse.unsqueeze(-1), _label_logps(logits, y_c, lse)
 
-    ids, lps, lp = _map_chunks(rows, chunk_size, h, w, y)
+    ids, lps, lp = _map_chunks(rows, chunk_size, h, weight, y)
     seq = lp.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
     return ids.view(B, T - 1, k), lps.view(B, T - 1, k), seq
 

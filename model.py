@@ -436,11 +436,13 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,) long. Greedy = argmax (also when temperature == 0).
+    """logits (B, V) -> next token ids (B,) long, on the logits' device. Greedy = argmax (also when
+    temperature == 0).
 
     Top-p (nucleus): keep the smallest set of most likely tokens whose probability reaches top_p (the top
-    token always). Sampling happens on the generator's device, so a CPU generator gives the same draws
-    whatever device the model is on."""
+    token always). The uniforms come from `generator` (torch's global CPU generator when None), and the
+    search runs where the logits are: a CPU generator draws the same numbers whatever device the model
+    is on, and nothing of size V crosses to the host."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -453,11 +455,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
     # the same categorical as torch.multinomial, which spends an exponential variate per vocabulary entry
     # (1 ms of a 20 ms CPU decode step at a 32k vocabulary, against 0.03 ms). A zero-probability token
     # is never drawn: its cdf equals its predecessor's, and the search is for the first cdf > u * total.
-    dev = generator.device if generator is not None else probs.device
-    cdf = probs.to(dev, torch.float64).cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=dev, dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
-    return idx.squeeze(-1).to(logits.device)
+    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device if generator is not None else "cpu",
+                   dtype=torch.float64)
+    idx = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    return idx.squeeze(-1)
 
 
 @contextmanager

@@ -312,6 +312,10 @@ class Plan:
     sampler: str  # what --sampler auto picks
     budget: int  # bytes per GPU the pick was made against (0 = unknown: gathered)
 
+    def fits(self, phase: str) -> bool:
+        """Whether a phase's peak stays within 90% of the budget (always, when the budget is unknown)."""
+        return not self.budget or self.phases[phase] <= 0.9 * self.budget
+
 
 def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: int = 8, batch_size: int = 4,
                max_len: int = 1024, gen_batch_size: int = 32, max_new_tokens: int = 512, chunk_size: int = 0,
@@ -360,9 +364,10 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
             build, items["TP decode: KV cache"] + items["TP decode: prefill"])
     # the pre-pass also scores [y; y_hat] teacher-forced, without grad: under the train step's peak
     # auto: the whole model per GPU when it fits in 90% of the budget (the CUDA context and allocator
-    # fragmentation take the rest), else tensor-parallel where the heads divide
+    # fragmentation take the rest), else tensor-parallel where the heads divide. Never at one rank, where
+    # the tensor-parallel copy is a second whole model next to the first
     sampler = "gathered"
-    if budget and phases["gathered decode"] > 0.9 * budget and "TP decode" in phases:
+    if budget and phases["gathered decode"] > 0.9 * budget and "TP decode" in phases and world > 1:
         sampler = "tensor_parallel"
     return Plan(items, phases, sampler, budget)
 
@@ -379,7 +384,9 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
         items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
         items["cache build: forward"] = forward_transient_bytes(proxy, cache_batch_size * max_len, proxy_itemsize)
         chunk = chunk_size or fast.default_chunk_size(proxy.vocab_size, "cuda")
-        items["cache build: logits chunk"] = 2 * chunk * proxy.vocab_size * 4  # fp32 logits + log-softmax
+        # fast.topk_logps_chunked: the matmul's (chunk, V) product in the proxy's dtype, copied to fp32 logits
+        # (the product is freed), then logsumexp's fp32 temporary beside them; the output weight is used as is
+        items["cache build: logits chunk"] = chunk * proxy.vocab_size * max(proxy_itemsize + 4, 2 * 4)
         phases["cache build"] = sum(items.values())
     shapes = param_shapes(student, lora_r)
     frozen = sum(fsdp_param_bytes(s, world, base_itemsize) for k, s in shapes.items() if ".lora_" not in k)
@@ -402,7 +409,7 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
 def format_plan(plan: Plan, title: str) -> str:
     lines = [title, "", "| per GPU | GiB |", "|---|---:|"]
     lines += [f"| {k} | {v / GiB:.2f} |" for k, v in plan.items.items()]
-    over = {k for k, v in plan.phases.items() if plan.budget and v > 0.9 * plan.budget}
+    over = {k for k in plan.phases if not plan.fits(k)}
     lines += [f"| **peak: {k}** | **{v / GiB:.2f}**{' over 90% of the GPU' if k in over else ''} |"
               for k, v in plan.phases.items()]
     if plan.sampler:
@@ -414,10 +421,11 @@ def format_plan(plan: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
-def gpu_budget(gpu_memory_gib: float) -> int:
-    """Bytes per GPU the plan is held against: the flag, else this machine's GPU, else 0 (unknown)."""
+def gpu_budget(gpu_memory_gib: float, device: torch.device | None = None) -> int:
+    """Bytes per GPU the plan is held against: the flag, else the run's GPU (None: this machine's first, for
+    --plan), else 0 (unknown: a CPU run)."""
     if gpu_memory_gib:
         return int(gpu_memory_gib * GiB)
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return 0
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    return torch.cuda.get_device_properties(device).total_memory if device is not None and device.type == "cuda" else 0

@@ -43,28 +43,78 @@ from model import Llama, ModelArgs, read_hf_config
 # process group, and ranks agreeing
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start torch.distributed for this process -> (rank, world_size, device).
+@dataclasses.dataclass
+class Launch:
+    """How a run uses the machine: the flags both training scripts' Configs inherit."""
+    device: str = "auto"  # auto (a GPU per process when CUDA is there, else the CPU), cuda or cpu; PROXYKD_DEVICE sets auto's
+    deterministic: bool = False  # deterministic kernels, for bitwise-equal resume on CUDA (slower); CPU kernels already are
+    timeout_min: float = 10.0  # a collective waiting longer fails the run: a dead or stuck rank does not hang the others
+    long_timeout_min: float = 120.0  # the waits of the known-long phases: rank 0 hashing data or a proxy, merging a model
 
-    Under torchrun (RANK set): NCCL + cuda:LOCAL_RANK when CUDA is available, else gloo + CPU. Without
-    torchrun: a one-process group on an in-memory HashStore, so `python train_x.py` runs the very same
-    code path (collectives included) as a multi-rank launch.
+
+_DEVICE = torch.device("cpu")  # the device init_distributed chose, for everything that places tensors
+_LONG_GROUP = None  # a gloo group with long_timeout_min, for the known-long phases' waits
+
+
+def pick_device(requested: str, local_rank: int, n_gpus: int, visible: str | None) -> torch.device:
+    """This process's device: `requested` is auto, cuda or cpu; local_rank its LOCAL_RANK; n_gpus the GPUs
+    it sees; visible its CUDA_VISIBLE_DEVICES. A scheduler that gives each process one GPU of its own
+    (CUDA_VISIBLE_DEVICES naming one device) gets it whatever LOCAL_RANK says. ValueError, in one line
+    saying what to change, when the GPU a rank needs is not there."""
+    if requested not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"--device must be auto, cuda or cpu, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and n_gpus == 0):
+        return torch.device("cpu")
+    if n_gpus == 0:
+        raise ValueError("--device cuda, but this process sees no GPU (CUDA_VISIBLE_DEVICES="
+                         f"{visible!r}); pass --device cpu")
+    if local_rank < n_gpus:
+        return torch.device("cuda", local_rank)
+    if n_gpus == 1 and visible is not None and len(visible.split(",")) == 1:
+        return torch.device("cuda", 0)
+    raise ValueError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but this process sees {n_gpus} "
+                     f"(CUDA_VISIBLE_DEVICES={visible!r}): start at most {n_gpus} processes per node, give each "
+                     f"process its own GPU, or pass --device cpu")
+
+
+def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.device]:
+    """Start torch.distributed for this process -> (rank, world_size, device), the device chosen here once.
+
+    NCCL + cuda:LOCAL_RANK on a GPU, gloo on the CPU (pick_device; --device, or PROXYKD_DEVICE when it is
+    auto, overrides). Under torchrun (RANK set) the group is the launch's; without torchrun a one-process
+    group on an in-memory HashStore, so `python train_x.py` runs the very same code path (collectives
+    included) as a multi-rank launch. Collectives time out after launch.timeout_min, except the waits
+    of the known-long phases (long_barrier, agree(long=True)).
     """
-    cuda = torch.cuda.is_available()
-    # collectives may wait on rank 0 merging or writing a big model on the host (save_final): an hour
-    timeout = datetime.timedelta(minutes=60)
+    global _DEVICE, _LONG_GROUP
+    launch = launch or Launch()
+    requested = launch.device if launch.device != "auto" else os.environ.get("PROXYKD_DEVICE", "auto")
+    try:
+        n_gpus = torch.cuda.device_count() if requested != "cpu" else 0
+        _DEVICE = pick_device(requested, int(os.environ.get("LOCAL_RANK", 0)), n_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except ValueError as e:  # this rank alone may lack its GPU: it says so itself
+        print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
+        finish(2)
+    cuda = _DEVICE.type == "cuda"
+    if launch.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when its handle is made
+        torch.use_deterministic_algorithms(True)  # SDPA's backward kernels too
+        torch.backends.cudnn.benchmark = False
+    if cuda:
+        torch.cuda.set_device(_DEVICE)
+    backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(minutes=launch.timeout_min)
     if "RANK" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, device_id=device if cuda else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=_DEVICE if cuda else None)
     else:
-        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), device
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=_DEVICE if cuda else None)
+    _LONG_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=launch.long_timeout_min))
+    return dist.get_rank(), dist.get_world_size(), _DEVICE
+
+
+def long_barrier() -> None:
+    """Collective: wait for every rank with the long timeout, in front of or after a known-long phase."""
+    dist.barrier(group=_LONG_GROUP)
 
 
 def any_rank(flag: bool, device) -> bool:
@@ -74,10 +124,11 @@ def any_rank(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
-def agree(obj):
-    """Rank 0's value of obj on every rank (a collective)."""
+def agree(obj, long: bool = False):
+    """Rank 0's value of obj on every rank (a collective); long: rank 0 may first be busy for a long
+    phase (hashing a proxy or a data file), so the others wait with the long timeout."""
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_LONG_GROUP if long else None)
     return box[0]
 
 
@@ -126,17 +177,20 @@ _CRASH_COUNTS: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    """Fault injection for the tests: with PROXYKD_CRASH_AT=name:n:rank in the environment, that rank
-    SIGKILLs itself the n-th time it passes the point `name` (as an OOM kill or a lost node would: no
-    cleanup, no flush). A no-op otherwise."""
-    spec = os.environ.get("PROXYKD_CRASH_AT")
-    if not spec:
-        return
-    point, n, rank = spec.split(":")
-    if point == name and dist.get_rank() == int(rank):
+    """Fault injection for the tests: with PROXYKD_CRASH_AT=name:n:rank[:action][,...] in the environment,
+    that rank acts the n-th time it passes the point `name`. action "kill" (the default) SIGKILLs it, as
+    an OOM kill or a lost node would: no cleanup, no flush; "hang" stops it forever, as a stuck rank;
+    "sleep=S" holds it S seconds, as a slow one. A no-op otherwise."""
+    for spec in filter(None, os.environ.get("PROXYKD_CRASH_AT", "").split(",")):
+        point, n, rank, *action = spec.split(":")
+        if point != name or dist.get_rank() != int(rank):
+            continue
         _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
         if _CRASH_COUNTS[name] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
+            action = action[0] if action else "kill"
+            if action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(float(action.split("=")[1]) if action.startswith("sleep=") else 1e9)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,10 +231,6 @@ def load_lora_model(base_dir: str, lora_r: int, lora_alpha: float, lora_dropout:
     return model
 
 
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
     """FSDP2: fully_shard every transformer block, then the root (embeddings, final norm, lm_head).
     Collective. Returns the same module object on the process group's device: an FSDPModule when
@@ -196,7 +246,7 @@ def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
     `checkpoint` (a hook on the block) rather than checkpoint_wrapper, because the wrapper renames every
     parameter (`_checkpoint_wrapped_module.`) and the LoRA/PEFT key mapping relies on plain HF names.
     """
-    device = _default_device()
+    device = _DEVICE
     shard = dist.get_world_size() > 1
     on_meta = any(p.is_meta for p in model.parameters())
     # to_empty below replaces every parameter: keep the host ones (the fresh LoRA) to slice from
@@ -268,20 +318,30 @@ def plan_steps(indices: list[int], cfg, rank: int, world: int, epochs) -> list[l
 
 def make_batch(ids: list[int], encoded: dict, pad_id: int, device, pairs: dict | None = None,
                rows: list[int] | None = None) -> dict:
-    """Example ids -> a micro-batch: input_ids / labels (B, T) of the teacher's replies, "ids", n = B and
-    n_fwd = non-pad tokens forwarded (for tokens/s). With a round's pairs (rows = the ids' rows in the
-    round file), input_ids / labels are (2B, T), stacking [y_1..y_B; y_hat_1..y_hat_B] for one forward,
-    plus ref_chosen / ref_rejected (B,)."""
+    """Example ids -> a micro-batch: input_ids / labels (B, T) of the teacher's replies on the device and
+    labels_cpu, "ids", n = B, n_tokens = the teacher replies' response tokens and n_fwd = non-pad tokens
+    forwarded (for tokens/s); the counts come from the host copy, so no step waits on the device for
+    them. With a round's pairs (rows = the ids' rows in the round file), input_ids / labels are (2B, T),
+    stacking [y_1..y_B; y_hat_1..y_hat_B] for one forward, plus ref_chosen / ref_rejected (B,)."""
     encs = [encoded[i] for i in ids]
     if pairs is not None:
         encs += [pair_rows(pairs, e) for e in rows]
-    batch = {k: v.to(device) for k, v in data.collate(encs, pad_id).items()}
-    batch["ids"], batch["n"] = ids, len(ids)
+    cpu = data.collate(encs, pad_id)
+    batch = {k: to_device(v, device) for k, v in cpu.items()}
+    batch["labels_cpu"], batch["ids"], batch["n"] = cpu["labels"], ids, len(ids)
+    batch["n_tokens"] = int(pk.num_response_tokens(cpu["labels"][: len(ids)]))
     batch["n_fwd"] = float(sum(len(e["input_ids"]) for e in encs))
     if pairs is not None:
         batch["ref_chosen"] = pairs["ref_chosen"][rows].to(device)
         batch["ref_rejected"] = pairs["ref_rejected"][rows].to(device)
     return batch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,14 +484,14 @@ def load_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer) -> d
 
 def _rng_state() -> dict:
     s = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if _DEVICE.type == "cuda":
         s["cuda"] = torch.cuda.get_rng_state()
     return s
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["cpu"])
-    if "cuda" in s and torch.cuda.is_available():
+    if "cuda" in s and _DEVICE.type == "cuda":
         torch.cuda.set_rng_state(s["cuda"])
 
 
@@ -582,7 +642,8 @@ def save_final(out_dir: str, model, tokenizer_path: str, base_dir: str, dtype: t
     Rank 0 merges on CPU from the gathered LoRA tensors, streaming the base tensor by tensor
     (parallel.save_merged: one output shard in host memory, never the model), so no accelerator ever
     holds a second model; the other ranks wait at a barrier (minutes for a 70B model:
-    init_distributed allows collectives an hour)."""
+    long_barrier waits with the long timeout, also for rank 0 still hashing the provenance)."""
+    long_barrier()
     lora_sd = gather_lora_state(model)
     if dist.get_rank() == 0:
         lora.save_adapter(os.path.join(out_dir, "adapter"), lora_sd, model.lora_config)
@@ -594,12 +655,13 @@ def save_final(out_dir: str, model, tokenizer_path: str, base_dir: str, dtype: t
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, "final", "tokenizer.model"))
         if provenance is not None:
             data.atomic_write(os.path.join(out_dir, "final", PROVENANCE), json.dumps(provenance, indent=1, sort_keys=True))
-    dist.barrier()
+    long_barrier()
 
 
 def data_provenance(data_path: str, split_seed: int, n_examples: int, tok: data.Tokenizer) -> dict:
     """What a proxy's training data was, for final/provenance.json: train_student.py checks that its D_s
     is the slice this proxy never saw (same file, split seed and sizes) and that the tokenizer is the same."""
+    crash_point("provenance")  # hashing a large data file takes a while
     split = data.split_indices(n_examples, split_seed)
     return {"data_sha256": data.sha256_file(data_path), "split_seed": split_seed,
             "split_sizes": {k: len(v) for k, v in split.items()}, "tokenizer_sha256": tok.fingerprint}
@@ -641,7 +703,7 @@ def check_proxy(cfg, tok: data.Tokenizer, student_vocab: int, n_examples: int, r
     except (ValueError, OSError) as e:
         fail(rank, f"proxy {cfg.proxy} and student {cfg.base} must share the tokenizer and vocabulary: {e}")
     # rank 0 hashes the data file once and tells the others: every rank stops alike on a mismatch
-    problem, note = agree(check_provenance(cfg, n_examples, tok) if rank == 0 else None)
+    problem, note = agree(check_provenance(cfg, n_examples, tok) if rank == 0 else None, long=True)
     if problem:
         fail(rank, problem)
     if note and rank == 0:
@@ -740,7 +802,18 @@ def pair_stats(pairs: dict, encoded: dict) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the student's proxy cache, bound by hashes to the data, split, tokenizer and proxy (format: README)
+# the student's proxy cache, in --cache_dir:
+#   meta.json                    what it is bound to (cache_meta): sha256 of the data, field names, split
+#                                seed, tokenizer and template fingerprints, sha256 of the proxy checkpoint,
+#                                k, max_len, dtypes. A cache whose meta.json differs is refused, naming the
+#                                fields.
+#   part-<first id>.safetensors  written by each rank every --cache_flush_every batches (temp file +
+#                                os.replace: whole or absent): example_ids (E,) int64, offsets (E+1,)
+#                                int64, seq_logps (E,) fp32 = log pi_p(y|x), topk_ids (N, k) int32 and
+#                                topk_logps (N, k) fp16 or bf16 (log pi_p over the full vocabulary). Rows
+#                                offsets[e]:offsets[e+1] are example e's response tokens, in order.
+#   COMPLETE                     written last by rank 0; without it the cache is partial: never read, and
+#                                a rerun computes only the examples no whole part holds.
 
 CACHE_FORMAT = "proxykd-topk-cache/1"
 
@@ -932,7 +1005,7 @@ def prepare_cache(cfg, tok: data.Tokenizer, d_s: list[int], rank: int) -> tuple[
                 todo = sorted(set(d_s) - cached_example_ids(cfg.cache_dir))  # whole parts already written stay
         except (CacheError, OSError) as e:
             err = str(e)
-    meta, todo, err = agree((meta, todo, err))
+    meta, todo, err = agree((meta, todo, err), long=True)
     if err is not None:
         fail(rank, err)
     return meta, todo
@@ -943,14 +1016,14 @@ def open_cache(cache_dir: str, meta: dict, d_s: list[int], rank: int, finalise: 
     D_s and writes COMPLETE; then every rank opens the cache itself (a node that does not see the shared
     filesystem fails here, together with the others)."""
     if finalise:
-        dist.barrier()
+        long_barrier()  # every rank's parts are written
         err = None
         if rank == 0:
             try:
                 finalise_cache(cache_dir, meta_digest(meta), d_s)
             except CacheError as e:
                 err = str(e)
-        if (err := agree(err)) is not None:
+        if (err := agree(err, long=True)) is not None:
             fail(rank, err)
     try:
         cache, err = ProxyCache(cache_dir, meta), None
@@ -968,20 +1041,22 @@ def topk_rows(topk_ids: torch.Tensor, topk_logps: torch.Tensor, labels: torch.Te
     return [(topk_ids[b][m[b]], topk_logps[b][m[b]]) for b in range(labels.shape[0])]
 
 
-def pad_topk(rows: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_topk(rows: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example cache rows (ids (n_i, k), logps (n_i, k)) + the batch labels (B, T) ->
-    (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k)) on the shifted grid, zeros where masked.
-    Raises ValueError if an example's row count differs from its response-token count (the cache was
-    built with another tokenizer / max_len)."""
-    m = pk.response_mask(labels)
-    B, Tm1 = m.shape
-    k = rows[0][0].shape[-1]
+    (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k)) on the shifted grid, zeros where masked, on
+    `device` (default the labels'). Built on the host: give it host labels (make_batch's labels_cpu) and
+    it never waits on the device. Raises ValueError if an example's row count differs from its
+    response-token count (the cache was built with another tokenizer / max_len)."""
+    device = labels.device if device is None else device
+    m = pk.response_mask(labels.cpu()).tolist()  # positions in Python: no op here reads from a device
+    B, Tm1, k = len(m), len(m[0]), rows[0][0].shape[-1]
     ids = torch.zeros(B, Tm1, k, dtype=torch.int32)
     lps = torch.zeros(B, Tm1, k, dtype=rows[0][1].dtype)
     for b, (i, lp) in enumerate(rows):
-        pos = m[b].nonzero().squeeze(-1).cpu()
-        if pos.numel() != i.shape[0]:
-            raise ValueError(f"example {b}: cache has {i.shape[0]} positions, labels have {pos.numel()}")
+        pos = [t for t, scored in enumerate(m[b]) if scored]
+        if len(pos) != i.shape[0]:
+            raise ValueError(f"example {b}: cache has {i.shape[0]} positions, labels have {len(pos)}")
+        pos = torch.tensor(pos, dtype=torch.long)
         ids[b, pos] = i.to(torch.int32).cpu()
         lps[b, pos] = lp.cpu()
-    return ids.to(labels.device), lps.to(labels.device)
+    return to_device(ids, device), to_device(lps, device)

@@ -285,13 +285,13 @@ def test_demo_tokenizer_deterministic(demo, tmp_path):
 # scripts/demo.py's exact metrics
 
 
-def load_demo_script():
-    """scripts/demo.py as a module, without letting its kernel pins (os.environ.setdefault at import) leak
-    into the environment of later tests' subprocesses."""
+def load_script(name: str):
+    """scripts/<name>.py as a module, without letting its settings (the demo's kernel pins:
+    os.environ.setdefault at import) leak into the environment of later tests' subprocesses."""
     import importlib.util
     saved = dict(os.environ)
     try:
-        spec = importlib.util.spec_from_file_location("demo_script", os.path.join(os.path.dirname(__file__), "scripts", "demo.py"))
+        spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(os.path.dirname(__file__), "scripts", f"{name}.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
@@ -305,7 +305,7 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
     teacher distribution, on a random model whose argmax sometimes hits the teacher's."""
     import torch
     from model import Llama, ModelArgs
-    demo = load_demo_script()
+    demo = load_script("demo")
     heldout = demo_world.write_demo_jsonl(str(tmp_path / "heldout.jsonl"), 5, seed=9)
     ex = demo.exact_teacher({"heldout": heldout}, tok, 5)
     torch.manual_seed(0)

@@ -77,6 +77,36 @@ def test_topk_logps_chunked_equals_reference(k):
         assert torch.equal(ids[~tied], ref_ids[~tied])
 
 
+def test_topk_logps_chunked_multiplies_in_the_weights_dtype():
+    """On a bf16 proxy the cache's producer multiplies in bf16 and scores the product in fp32, as
+    proxykd.topk_logps does on those bf16 logits, and never makes an fp32 copy of the output weight (at
+    70B a 1 GiB copy per rank)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, labels, hidden, W, _, _, _ = _student_setup(22, V=15)
+    hidden, W = hidden.detach().bfloat16(), W.detach().bfloat16()
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_outputs = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.fp32_outputs.add(tuple(t.shape))
+            return out
+
+    with Shapes() as seen:
+        ids, lps, seq = fast.topk_logps_chunked(hidden, W, labels, 4, 2)
+    assert tuple(W.shape) not in seen.fp32_outputs
+    ref_ids, ref_lps, ref_seq = pk.topk_logps(hidden @ W.T, labels, 4)  # bf16 logits, scored in fp32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(lps, ref_lps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seq, ref_seq, rtol=1e-6, atol=1e-5)
+
+
 def test_default_chunk_size_keeps_cpu_blocks_at_16_mib():
     for V in (7, 1000, 32000, 128256, 1 << 23):
         rows = fast.default_chunk_size(V, "cpu")

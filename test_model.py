@@ -209,6 +209,22 @@ def test_sample_next_draws_from_the_softmax():
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / draws.numel()).sqrt()).all(), (freq, p)
 
 
+def test_sample_next_draws_its_uniforms_on_the_host_and_searches_on_the_device():
+    """The same CPU generator state gives the same samples whatever device the logits are on: the
+    uniforms are drawn on the host (the generator advances alike), the search runs on the logits' device
+    and returns there. The meta device stands in for a GPU (shapes only); on the CPU the draws are the
+    inverse-CDF samples of the softmax."""
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    g_cpu, g_meta = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    got = sample_next(logits, generator=g_cpu)
+    on_meta = sample_next(logits.to("meta"), generator=g_meta)
+    assert on_meta.device.type == "meta" and on_meta.shape == got.shape == (3,) and on_meta.dtype == got.dtype
+    assert torch.equal(g_cpu.get_state(), g_meta.get_state())
+    u = torch.rand(3, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cdf = torch.softmax(logits, -1).double().cumsum(-1)
+    assert got.tolist() == [int((c <= x * c[-1]).sum()) for c, x in zip(cdf, u[:, 0])]
+
+
 # ---- checkpoints ----
 
 

@@ -43,7 +43,7 @@ def worker(ckpt: str) -> None:
 
     import plumbing
 
-    rank, world, _ = plumbing.init_distributed()
+    rank, world, device = plumbing.init_distributed()  # the scripts' own choice of device
     torch.manual_seed(0)
     model = plumbing.shard_model(plumbing.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
     # a trained-looking adapter: B != 0 (the same values on every rank, each keeps its rows)
@@ -52,13 +52,13 @@ def worker(ckpt: str) -> None:
         for n, p in model.named_parameters():
             if n.endswith(".lora_B"):
                 full = 0.3 * torch.randn(p.shape, generator=g)
-                p.to_local().copy_(full[parallel.shard_rows(p.shape[0], rank, world)])
+                p.to_local().copy_(full[parallel.shard_rows(p.shape[0], rank, world)].to(device))
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
     # per-rank loading: every base tensor is the checkpoint's
-    ref = Llama.from_pretrained(ckpt, dtype=torch.float32)
+    ref = Llama.from_pretrained(ckpt, dtype=torch.float32, device=device)
     for k, v in ref.state_dict().items():
-        assert torch.equal(full_sd[k], v), k
+        assert torch.equal(full_sd[k].to(device), v), k
 
     # the plan's parameter bytes are what FSDP2 allocated on this rank, padding included
     plan = parallel.plan_proxy(ARGS, world, base_itemsize=4, lora_r=4)
@@ -68,7 +68,7 @@ def worker(ckpt: str) -> None:
 
     # reference: one process, the same weights, LoRA merged
     lora.apply_lora(ref, r=4, alpha=8.0)
-    ref.load_state_dict({k: v for k, v in full_sd.items() if ".lora_" in k}, strict=False)
+    ref.to(device).load_state_dict({k: v for k, v in full_sd.items() if ".lora_" in k}, strict=False)
     lora.merge_lora(ref).eval()
     want = [generate(ref, [p], 8, eos_id=-1, pad_id=0, greedy=True)[0] for p in PROMPTS[rank]]
 
@@ -105,14 +105,14 @@ def worker(ckpt: str) -> None:
     caches = []
     for m in (tpm, ref):
         cache = KVCache(10)
-        m(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=cache)
+        m(torch.tensor([[1, 2, 3], [4, 5, 6]], device=device), cache=cache)
         caches.append(sum(t.numel() * t.element_size() for d in (cache.k, cache.v) for t in d.values()))
     assert world * caches[0] == caches[1] == parallel.kv_cache_bytes(ARGS, 2, 10, 4)
     assert caches[0] == parallel.kv_cache_bytes(ARGS, 2, 10, 4, world)
 
     # the FSDP model still trains after the copy was built from it (its units were resharded)
     model.train()
-    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    model(torch.tensor([[1, 2, 3]], device=device)).sum().backward()
 
     # FSDP2 keeps the module in a reference cycle: `del` alone does not free it, the cycle collector does
     del tpm

@@ -55,3 +55,21 @@ def test_benchmark_runs(tmp_path):
     assert pre["world"] == 2 and pre["gathered_tok_s"] > 0 and pre["tp_tok_s"] > 0
     # top-10 int32 ids + fp16 log-probs = 60 bytes per token, plus the per-example offsets and headers
     assert 60 <= row["cache_bytes_per_token"] < 70
+
+
+def test_benchmark_mfu_counts_the_matmul_weights():
+    """MFU's parameter count is every weight a token is multiplied by: the block linears and the head,
+    not the embedding lookup, whether or not the head is tied to it."""
+    import dataclasses
+
+    import torch
+
+    from model import Llama, ModelArgs
+    from test_demo import load_script
+
+    bench = load_script("benchmark")
+    for tied in (False, True):
+        args = dataclasses.replace(ModelArgs.from_name("tiny"), tie_word_embeddings=tied)
+        model = Llama(args)
+        linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert bench.matmul_params(args) == linears  # lm_head included, once; embed_tokens is no Linear

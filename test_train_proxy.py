@@ -25,17 +25,21 @@ TIMEOUT = 180  # seconds per launch; a normal one takes a few
 MAX_LEN = 128
 
 
-def launch(args: list[str], nproc: int = 2, script: str = "train_proxy.py", env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(args: list[str], nproc: int = 2, script: str = "train_proxy.py", env: dict | None = None,
+           device: str = "cpu") -> subprocess.CompletedProcess:
     """`script` under torchrun with `nproc` ranks, or as a plain process when nproc == 0 (test_train_student.py
     uses it too); `env` adds environment variables."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, script), *args]
-    return run_in_session(cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}, TIMEOUT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return run_in_session(cmd, env, TIMEOUT, device)
 
 
-def run_in_session(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+def run_in_session(cmd: list[str], env: dict, timeout: float, device: str = "cpu") -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own, so a timeout kills every process the command started
-    (torchrun's ranks, the demo's training runs), not the command alone, leaving the rest spinning."""
+    (torchrun's ranks, the demo's training runs), not the command alone, leaving the rest spinning. The
+    runs are on the CPU (gloo) whatever GPUs the machine has, unless `device` says otherwise (test_cuda.py)."""
+    env = {**env, "PROXYKD_DEVICE": device}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -50,6 +54,14 @@ def run_in_session(cmd: list[str], env: dict, timeout: float) -> subprocess.Comp
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
     return p
+
+
+def own_frames(stderr: str) -> list[str]:
+    """Traceback frames in this project's own files (not torch's or the virtualenv's, wherever it sits)."""
+    ours = {os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")}
+    ours |= {os.path.join(ROOT, "scripts", f) for f in os.listdir(os.path.join(ROOT, "scripts"))}
+    return [line for line in stderr.splitlines() if line.strip().startswith('File "')
+            and line.strip().split('"')[1] in ours]
 
 
 def metrics(out: str) -> list[dict]:
@@ -96,10 +108,11 @@ def run_ws2(world):
 
 @pytest.fixture(scope="module")
 def run_ws1(world):
-    # plain `python train_proxy.py` (no torchrun): one rank, one micro-batch of 4, and activation
-    # checkpointing (recomputing a block must not change the result)
+    # plain `python train_proxy.py` (no torchrun): one rank, one micro-batch of 4, activation checkpointing
+    # (recomputing a block must not change the result) and --deterministic (its kernels run on the CPU too)
     out = str(world["dir"] / "ws1")
-    ok(launch(world["common"] + EXACT + ["--batch_size", "4", "--activation_checkpointing", "--out", out], nproc=0))
+    ok(launch(world["common"] + EXACT + ["--batch_size", "4", "--activation_checkpointing", "--deterministic", "--out", out],
+              nproc=0))
     return out
 
 

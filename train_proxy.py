@@ -34,7 +34,7 @@ from model import ModelArgs, gathered, generate, read_hf_config
 
 
 @dataclass
-class Config:
+class Config(plumbing.Launch):  # + device, deterministic, timeout_min, long_timeout_min
     base: str = ""  # proxy base checkpoint, HF format (config.json + *.safetensors)
     tokenizer: str = ""  # sentencepiece tokenizer.model shared by proxy and student
     data: str = ""  # teacher jsonl: prompt x and black-box teacher reply y per line
@@ -85,16 +85,19 @@ def main(argv=None) -> None:
         return plumbing.print_plan(cfg, memory_plan, f"train_proxy.py memory plan: {cfg.base}")
 
     # setup: the ranks, D_w and D_p (D_s is left to the student), the proxy with fresh LoRA, the step plan
-    rank, world, device = plumbing.init_distributed()
+    rank, world, device = plumbing.init_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank and for every world size
     plumbing.check_out_dir(cfg.out, cfg.resume, rank)
     tok, examples, held_out, _ = plumbing.read_inputs(cfg, rank)
+    # what trained this proxy, for its final/provenance.json: rank 0 hashes the data file
+    provenance = plumbing.agree(plumbing.data_provenance(cfg.data, cfg.split_seed, len(examples), tok) if rank == 0
+                                else None, long=True)
     split = data.split_indices(len(examples), cfg.split_seed)
     d_w, d_p = split["warmup"], split["proxy"]
     encoded = {i: data.encode_example(tok, examples[i], cfg.max_len) for i in d_w + d_p}
     evals = plumbing.eval_batches([data.encode_example(tok, e, cfg.max_len) for e in held_out], cfg.eval_batch_size,
                                   rank, world, tok.pad_id)
-    choose_sampler(cfg, world, rank)
+    choose_sampler(cfg, world, rank, device)
     model = plumbing.load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, getattr(torch, cfg.base_dtype))
     model = plumbing.shard_model(model, cfg.activation_checkpointing)
     optimizer = plumbing.make_optimizer(model, cfg)
@@ -107,9 +110,8 @@ def main(argv=None) -> None:
               "n_proxy": len(d_p), "steps": total}
     run = plumbing.Run(cfg, model, optimizer, total, "proxy", rank, world, device, evals, [config])
 
-    # stage 1, warm-up: Eq. 3 on D_w. The warmed-up proxy is an output too (the "-align" ablation's)
+    # stage 1, warm-up: Eq. 3 on D_w. The warmed-up proxy, before any alignment, is an output too
     train(run, cfg, warm_steps, 0, "warmup", 0, encoded, tok.pad_id, world, device)
-    provenance = plumbing.data_provenance(cfg.data, cfg.split_seed, len(examples), tok) if rank == 0 else None
     if warm_steps and run.step == len(warm_steps):
         plumbing.save_final(os.path.join(cfg.out, "warmup"), model, cfg.tokenizer, cfg.base, provenance=provenance)
 
@@ -258,8 +260,7 @@ def train_step(model, optimizer, batches: list[dict], world: int, cfg: Config, d
     """
     dpo = "ref_chosen" in batches[0]
     # the step's global divisors: response tokens of the teacher's replies y, and pairs (examples)
-    counts = torch.tensor([[float(pk.num_response_tokens(b["labels"][: b["n"]])), float(b["n"])] for b in batches],
-                          dtype=torch.float64, device=device).sum(0)
+    counts = torch.tensor([[float(b["n_tokens"]), float(b["n"])] for b in batches], dtype=torch.float64, device=device).sum(0)
     dist.all_reduce(counts)
     n_tokens, n_pairs = (counts.clamp(min=1) / world).float().unbind()
     if cfg.nll_reduction == "sequence":  # the paper's literal Eq. 3: sum over a reply's tokens, mean over replies
@@ -314,21 +315,28 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
-def memory_plan(cfg: Config, world: int) -> parallel.Plan:
-    """This run's per-GPU memory plan (parallel.plan_proxy) from --base's config.json and the flags."""
+def memory_plan(cfg: Config, world: int, device: torch.device | None = None) -> parallel.Plan:
+    """This run's per-GPU memory plan (parallel.plan_proxy) from --base's config.json and the flags, held
+    against the memory of `device` (None: this machine's first GPU, if any) unless --gpu_memory_gib."""
     args = ModelArgs.from_hf_config(read_hf_config(cfg.base))
     return parallel.plan_proxy(
         args, world, base_itemsize=getattr(torch, cfg.base_dtype).itemsize, lora_r=cfg.lora_r,
         batch_size=cfg.batch_size, max_len=cfg.max_len, gen_batch_size=cfg.gen_batch_size,
         max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
-        activation_checkpointing=cfg.activation_checkpointing, budget=parallel.gpu_budget(cfg.gpu_memory_gib))
+        activation_checkpointing=cfg.activation_checkpointing, budget=parallel.gpu_budget(cfg.gpu_memory_gib, device))
 
 
-def choose_sampler(cfg: Config, world: int, rank: int) -> None:
-    """--sampler auto: the whole model per GPU when the memory plan fits it, else tensor-parallel."""
-    plan = memory_plan(cfg, world)
+def choose_sampler(cfg: Config, world: int, rank: int, device) -> None:
+    """--sampler auto: the whole model per GPU when the memory plan fits it, else tensor-parallel (never
+    at one rank); when the pick does not fit either, the run stops with the plan printed."""
+    plan = memory_plan(cfg, world, device)
     if cfg.sampler == "auto":
         cfg.sampler = plan.sampler
+        decode = "TP decode" if cfg.sampler == "tensor_parallel" else "gathered decode"
+        if not plan.fits(decode):
+            plumbing.fail(rank, f"no sampler fits the memory plan at {world} rank(s) (lower --gen_batch_size, add GPUs, "
+                                f"or pass --sampler to try one anyway):\n"
+                                + parallel.format_plan(plan, f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"))
     if cfg.sampler == "tensor_parallel" and "TP decode" not in plan.phases:
         plumbing.fail(rank, f"--sampler tensor_parallel needs the heads and hidden_dim of {cfg.base} divisible by {world} ranks")
 

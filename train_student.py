@@ -42,7 +42,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 @dataclass
-class Config:
+class Config(plumbing.Launch):  # + device, deterministic, timeout_min, long_timeout_min
     base: str = ""  # student base checkpoint, HF format (config.json + *.safetensors)
     proxy: str = ""  # aligned proxy, HF format (train_proxy.py's <out>/final, with tokenizer.model); unused at alpha 0
     tokenizer: str = ""  # sentencepiece tokenizer.model shared by proxy and student
@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         return plumbing.print_plan(cfg, memory_plan, f"train_student.py memory plan: {cfg.base}, proxy {proxy}")
 
     # setup: the ranks and D_s, the slice of the teacher's data the proxy never saw
-    rank, world, device = plumbing.init_distributed()
+    rank, world, device = plumbing.init_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank and for every world size
     plumbing.check_out_dir(cfg.out, cfg.resume, rank)
     tok, examples, held_out, vocab = plumbing.read_inputs(cfg, rank)
@@ -233,9 +233,7 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
     Returns the all_reduced step metrics (4,) fp64, identical on every rank: loss, nll, wkl (Eq. 10
     before alpha), forwarded tokens. The optimizer steps only when the loss is finite on every rank.
     """
-    n = torch.zeros((), dtype=torch.float64, device=device)
-    for b in batches:
-        n += pk.num_response_tokens(b["labels"])
+    n = torch.tensor(float(sum(b["n_tokens"] for b in batches)), dtype=torch.float64, device=device)
     dist.all_reduce(n)
     n_tokens = (n.clamp(min=1) / world).float()
 
@@ -246,7 +244,7 @@ def student_step(model, optimizer, batches: list[dict], cache, weights: dict | N
             loss = model(b["input_ids"], head_fn=lambda h, w: -fast.token_logps_fused(h, w, labels, cfg.chunk_size).sum() / n_tokens)
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
-            top_ids, top_lps = plumbing.pad_topk(cache.rows(b["ids"]), labels)  # (B, T-1, k) on the shifted grid
+            top_ids, top_lps = plumbing.pad_topk(cache.rows(b["ids"]), b["labels_cpu"], device)  # (B, T-1, k), shifted grid
             w = None if weights is None else torch.tensor([weights[i] for i in b["ids"]], device=device)
             out = model(b["input_ids"], head_fn=lambda h, wt: fast.student_loss_fused(
                 h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens, cfg.chunk_size))

@@ -17,9 +17,10 @@ which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every line
                 decode all world x B prompts together), and their ratio, in the same run.
 Peak memory: on CUDA torch.cuda.max_memory_allocated per phase; on CPU the process's peak resident set
 (VmHWM, reset before each phase through /proc/self/clear_refs), which includes Python and torch itself.
-MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). Training FLOPs per token = 4 * N (forward 2N
-plus the input-gradient half of the backward; the frozen base needs no weight gradients) + 12 * L * T * d
-(attention scores and values, forward + backward, without the causal discount); decode 2 * N.
+MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). N = the parameters a token is multiplied by
+(block linears and the output head; the embedding is a lookup). Training FLOPs per token = 4 * N (forward
+2N plus the input-gradient half of the backward; the frozen base needs no weight gradients) + 12 * L * T
+* d (attention scores and values, forward + backward, without the causal discount); decode 2 * N.
 Writes a markdown table to stdout and --out (JSON with the same numbers next to it).
 
     python scripts/benchmark.py --compare_hf --configs mid     # ours vs transformers + peft, same process
@@ -130,17 +131,28 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def matmul_params(args: ModelArgs) -> int:
+    """The parameters a token multiplies through: every block linear and the output head. The embedding
+    is a lookup (no FLOPs), so MFU leaves it out unless it is tied to the head (then counted once, as
+    the head); the norms are elementwise."""
+    blocks = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim)
+    return blocks + args.vocab_size * args.dim
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, steps: int, device, warmup: bool = True) -> float:
     """Seconds per call of fn, after one untimed warm-up call (unless warmup=False)."""
     if warmup:
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -154,11 +166,15 @@ def lora_model(args: ModelArgs, dtype, device, base: Llama | None = None):
     return model, opt
 
 
-def batch(B: int, T: int, prompt: int, vocab: int, device) -> dict:
-    ids = torch.randint(4, vocab, (B, T), device=device)
+def batch(B: int, T: int, prompt: int, vocab: int, device, n: int | None = None) -> dict:
+    """plumbing.make_batch's fields for B random sequences of T tokens, the first `prompt` masked; n: the
+    rows whose response tokens the step's divisor counts (the chosen half of a stage-2 batch)."""
+    ids = torch.randint(4, vocab, (B, T))
     labels = ids.clone()
     labels[:, :prompt] = -100
-    return {"input_ids": ids, "labels": labels, "n": B, "n_fwd": float(B * T)}
+    n = B if n is None else n
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "labels_cpu": labels, "n": n,
+            "n_tokens": n * (T - prompt), "n_fwd": float(B * T), "ids": list(range(n))}
 
 
 class RandomCache:
@@ -181,21 +197,22 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     model, opt = lora_model(args, dtype, device)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     row = dict(config=name, dtype=str(dtype).replace("torch.", ""), params_M=n_params / 1e6, B=B, T=T)
+    n_flop = matmul_params(args)
 
     # proxy step: [y; y_hat] stacked, reference log-probs as from a round pre-pass
     cfg = tp.Config(beta=0.1)
-    pb = batch(2 * B, T, P, args.vocab_size, device) | {"n": B}
+    pb = batch(2 * B, T, P, args.vocab_size, device, n=B)
     pb["ref_chosen"] = torch.zeros(B, device=device)
     pb["ref_rejected"] = torch.zeros(B, device=device)
     peak.reset()
     dt = timed(lambda: tp.train_step(model, opt, [pb], 1, cfg, device), a.steps, device)
     row.update(proxy_tok_s=2 * B * T / dt, proxy_peak_gib=peak.gib())
-    train_flops = 4 * n_params + 12 * args.n_layers * T * args.dim
+    train_flops = 4 * n_flop + 12 * args.n_layers * T * args.dim
     row["proxy_mfu"] = train_flops * 2 * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
 
     # student step: Eq. 11 against a random top-10 cache, per-sample weights
     scfg = ts.Config(alpha=100.0)
-    sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
+    sb = batch(B, T, P, args.vocab_size, device)
     cache = RandomCache(T - P, args.vocab_size)  # response positions: labels[:, P:]
     weights = {i: 0.5 for i in range(B)}
     peak.reset()
@@ -211,7 +228,7 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     dt = timed(lambda: generate(model, prompts, s["new"], eos_id=-1, pad_id=0, generator=gen), max(1, a.steps - 1), device)
     model.train()
     row.update(decode_tok_s=B * s["new"] / dt, decode_peak_gib=peak.gib())
-    row["decode_mfu"] = 2 * n_params * B * s["new"] / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+    row["decode_mfu"] = 2 * n_flop * B * s["new"] / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
 
     # cache: real part files from build_cache (top-10 ids int32 + fp16 log-probs, per response token)
     with tempfile.TemporaryDirectory() as d:
@@ -247,8 +264,10 @@ def bench_prepass(name: str, dtype: torch.dtype, device, a) -> dict:
 
     dist.barrier()
     dt_g = timed(gathered_pass, max(1, a.steps - 1), device)
+    sync(device)
     t0 = time.perf_counter()
     tp_model = parallel.tensor_parallel_copy(model)
+    sync(device)  # the copy's kernels run asynchronously on a GPU
     build = time.perf_counter() - t0
     dt_t = timed(lambda: parallel.tp_generate(tp_model, prompts, world * B, new, -1, 0, generator=gen),
                  max(1, a.steps - 1), device)
@@ -313,9 +332,9 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
 
     torch.manual_seed(1)
     b1 = batch(B, T, P, args.vocab_size, device)  # stage 1: B sequences
-    b2 = batch(2 * B, T, P, args.vocab_size, device) | {"n": B}  # stage 2: [y; y_hat]
+    b2 = batch(2 * B, T, P, args.vocab_size, device, n=B)  # stage 2: [y; y_hat]
     b2["ref_chosen"] = b2["ref_rejected"] = torch.zeros(B, device=device)
-    sb = batch(B, T, P, args.vocab_size, device) | {"ids": list(range(B))}
+    sb = batch(B, T, P, args.vocab_size, device)
     cache = RandomCache(T - P, args.vocab_size)
     weights = {i: 0.5 for i in range(B)}
     top_ids, top_lps = plumbing.pad_topk(cache.rows(sb["ids"]), sb["labels"])
@@ -420,17 +439,22 @@ def table(rows: list[dict], header: str) -> str:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    _, _, device = plumbing.init_distributed()
-    if device.type == "cuda" and not a.peak_tflops:
-        gpu = torch.cuda.get_device_name()
-        a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
-    dtypes = a.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16")
-    if a.prepass_only:  # one rank of the torchrun launch below
-        rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",") for dt in dtypes.split(",")]
+    if a.prepass_only:  # one rank of the torchrun launch in prepass()
+        _, _, device = plumbing.init_distributed()
+        rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",") for dt in a.dtypes.split(",")]
         if int(os.environ.get("RANK", 0)) == 0:
             with open(a.out, "w") as f:
                 json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
         plumbing.finish(0)
+    cuda = os.environ.get("PROXYKD_DEVICE", "auto") != "cpu" and torch.cuda.is_available()
+    dtypes = a.dtypes or ("bfloat16" if cuda else "float32,bfloat16")
+    # the multi-rank pre-pass first: this process takes no GPU (context, process group) until it is done
+    world = 0 if a.compare_hf else a.prepass_world if not cuda else min(a.prepass_world, torch.cuda.device_count())
+    pre = prepass(a, dtypes, world, cuda) if world > 1 else []
+    _, _, device = plumbing.init_distributed()
+    if device.type == "cuda" and not a.peak_tflops:
+        gpu = torch.cuda.get_device_name()
+        a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
     rows = []
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
@@ -448,18 +472,8 @@ def main(argv=None) -> None:
         header += (f" per measurement, median of {a.repeats} interleaved; transformers {transformers.__version__}, "
                    f"peft {peft.__version__}")
     md = compare_table(rows, header) if a.compare_hf else table(rows, header)
-    world = 0 if a.compare_hf else a.prepass_world if device.type == "cpu" else min(a.prepass_world, torch.cuda.device_count())
-    pre = []
-    if world > 1:
-        print(f"pre-pass at {world} ranks ...", file=sys.stderr, flush=True)
-        pre_json = os.path.splitext(os.path.abspath(a.out))[0] + ".prepass.json"
-        os.makedirs(os.path.dirname(pre_json), exist_ok=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
-               "--prepass_only", "--configs", a.configs, "--dtypes", dtypes, "--steps", str(a.steps), "--out", pre_json]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))})
-        with open(pre_json) as f:
-            pre = json.load(f)["rows"]
-        md += "\n\n" + prepass_table(pre, f"Round pre-pass decode at {world} ranks ({'gloo' if device.type == 'cpu' else 'NCCL'}), "
+    if pre:
+        md += "\n\n" + prepass_table(pre, f"Round pre-pass decode at {world} ranks ({'NCCL' if cuda else 'gloo'}), "
                                            f"{max(1, a.steps - 1)} timed passes after one untimed")
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -468,6 +482,19 @@ def main(argv=None) -> None:
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
         json.dump({"machine": machine(device), "rows": rows, "prepass": pre}, f, indent=1)
     plumbing.finish(0)
+
+
+def prepass(a, dtypes: str, world: int, cuda: bool) -> list[dict]:
+    """The reference-pass samplers at `world` ranks: a torchrun launch of this script (--prepass_only)."""
+    print(f"pre-pass at {world} ranks ...", file=sys.stderr, flush=True)
+    pre_json = os.path.splitext(os.path.abspath(a.out))[0] + ".prepass.json"
+    os.makedirs(os.path.dirname(pre_json), exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
+           "--prepass_only", "--configs", a.configs, "--dtypes", dtypes, "--steps", str(a.steps), "--out", pre_json]
+    threads = 1 if cuda else max(1, (os.cpu_count() or 1) // world)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    with open(pre_json) as f:
+        return json.load(f)["rows"]
 
 
 if __name__ == "__main__":

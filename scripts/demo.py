@@ -66,10 +66,12 @@ if os.path.join(ROOT, "scripts") not in sys.path:  # demo_world, also when this 
 # The same numbers on any x86-64 CPU with AVX2 (read before torch loads; the training runs inherit them;
 # a value the user set wins). torch picks its vectorised CPU kernels (reductions, softmax, norms, Adam) by
 # the CPU's widest ISA, and MKL its GEMM code path by ISA and vendor; each choice rounds differently and
-# training amplifies the difference (measured in the README, "Demo results": AVX-512 and AVX2 kernels
-# gave different weights after 30 steps on the same machine). Pinning both to AVX2 removes that source.
+# training amplifies the difference (RESULTS.md, "Which numbers hold on another CPU": AVX-512 and AVX2
+# kernels gave different weights after 30 steps on the same machine). Pinning both to AVX2 removes that
+# source. The demo is a CPU pipeline, GPUs or not (PROXYKD_DEVICE: plumbing.init_distributed).
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 os.environ.setdefault("MKL_CBWR", "AVX2")
+os.environ.setdefault("PROXYKD_DEVICE", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,136 @@
+"""plumbing.py's machine-facing parts, checked on the CPU: the device each rank takes, the collective
+timeouts (a stuck rank stops the run; the known-long phases may wait), the host syncs of a training step,
+and the stop when no sampler fits the memory plan."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import data
+import lora
+import plumbing
+import train_proxy as tp
+import train_student as ts
+from model import Llama, ModelArgs
+from scripts import demo_world
+from test_train_proxy import launch, steps_of
+
+
+@pytest.mark.parametrize("requested,local_rank,n_gpus,visible,want", [
+    ("auto", 0, 0, None, "cpu"),
+    ("auto", 3, 0, None, "cpu"),  # no GPU: every rank on the CPU
+    ("cpu", 1, 8, None, "cpu"),  # the override wins over visible GPUs
+    ("auto", 5, 8, None, "cuda:5"),
+    ("cuda", 0, 1, None, "cuda:0"),
+    ("auto", 3, 1, "3", "cuda:0"),  # a scheduler gave this process its own GPU
+    ("auto", 1, 1, None, "LOCAL_RANK 1 needs GPU 1, but this process sees 1"),  # 2 ranks, 1 GPU
+    ("auto", 2, 2, "0,1", "LOCAL_RANK 2 needs GPU 2, but this process sees 2"),
+    ("cuda", 0, 0, None, "--device cuda, but this process sees no GPU"),
+    ("gpu", 0, 0, None, "--device must be auto, cuda or cpu"),
+])
+def test_pick_device(requested, local_rank, n_gpus, visible, want):
+    if ":" in want or want == "cpu":
+        assert plumbing.pick_device(requested, local_rank, n_gpus, visible) == torch.device(want)
+    else:
+        with pytest.raises(ValueError, match=want):
+            plumbing.pick_device(requested, local_rank, n_gpus, visible)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """40 demo examples, a tokenizer and a tiny random base (fp32)."""
+    d = tmp_path_factory.mktemp("world")
+    train = demo_world.write_demo_jsonl(str(d / "teacher.jsonl"), 40, seed=0)
+    tok_path = demo_world.train_demo_tokenizer([train], str(d / "tok"), 128)
+    torch.manual_seed(0)
+    base = str(d / "base")
+    Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=128,
+                    vocab_size=data.Tokenizer(tok_path).vocab_size)).save_pretrained(base)
+    common = ["--base", base, "--tokenizer", tok_path, "--data", train, "--max_len", "96", "--base_dtype", "float32",
+              "--batch_size", "1", "--save_every", "0"]
+    return dict(dir=d, base=base, tok=data.Tokenizer(tok_path), data=train, common=common)
+
+
+def test_device_errors_are_one_line(world):
+    """--device cuda where no GPU is visible (this CPU machine, or CUDA hidden) stops in one line."""
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    p = launch(world["common"] + ["--out", str(world["dir"] / "cuda"), "--device", "cuda"], nproc=0, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines() == ["train_proxy.py: --device cuda, but this process sees no GPU "
+                                             "(CUDA_VISIBLE_DEVICES=''); pass --device cpu"]
+
+
+def test_stuck_rank_times_out_and_long_phases_may_wait(world):
+    """Collectives wait --timeout_min (here 12 s), except around the known-long phases. Rank 0 held 20 s
+    while it hashes the data file (a long phase) delays the run without failing it; rank 1 then stuck
+    for good after its first step stops the run after the short timeout, not the default 10 minutes."""
+    out = str(world["dir"] / "stuck")
+    t0 = time.time()
+    p = launch(world["common"] + ["--out", out, "--rounds", "0", "--timeout_min", "0.2", "--long_timeout_min", "2"],
+               env={"PROXYKD_CRASH_AT": "provenance:1:0:sleep=20,step:1:1:hang"})
+    assert p.returncode != 0
+    assert [r["step"] for r in steps_of(out)] == [1], "the long phase passed, the stuck rank stopped the run"
+    assert 20 < time.time() - t0 < 120, "a stuck rank must not hang the others for the default timeout"
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: reading a scalar, nonzero's output size."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_sync_with_the_host_a_fixed_few_times(world):
+    """A training step of two micro-batches reads from the device once per micro-batch (the fused head
+    counts its response rows) and once for the finiteness check, whatever the batch holds: the token
+    counts come from the host copy of the batch, the cache rows are laid out on the host. SGD, whose
+    step reads nothing back (Adam's CPU path reads its step counters)."""
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        tok, examples = world["tok"], data.read_jsonl(world["data"])
+        ids = [0, 1, 2, 3, 4]
+        encoded = {i: data.encode_example(tok, examples[i], 96) for i in ids}
+        model = lora.apply_lora(Llama.from_pretrained(world["base"], dtype=torch.float32), r=4, alpha=8.0)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        micro = [plumbing.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
+
+        class Cache:  # a random top-4 cache row per response token
+            def rows(self, b_ids):
+                return [(torch.randint(0, tok.vocab_size, (n, 4), dtype=torch.int32),
+                         torch.log_softmax(torch.randn(n, 5), -1)[:, :4].half())
+                        for n in (sum(y != -100 for y in encoded[i]["labels"][1:]) for i in b_ids)]
+
+        for step in (lambda: tp.train_step(model, opt, micro, 1, tp.Config(), "cpu"),
+                     lambda: ts.student_step(model, opt, micro, Cache(), {i: 0.5 for i in ids}, 1, ts.Config(), "cpu")):
+            with SyncCounter() as c:
+                sums = step()
+            assert torch.isfinite(sums).all()
+            assert c.n == len(micro) + 1, c.n
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def test_auto_sampler_at_one_rank_never_picks_tensor_parallel(world):
+    """At one rank the tensor-parallel copy is a second whole model: --sampler auto keeps the gathered
+    sampler however little memory the plan has, and when that does not fit either the run stops with
+    the plan printed."""
+    args = ModelArgs.from_hf_config(__import__("model").read_hf_config(world["base"]))
+    small = 1 << 20  # bytes: nothing fits
+    assert tp.parallel.plan_proxy(args, 1, budget=small).sampler == "gathered"
+    assert tp.parallel.plan_proxy(args, 2, budget=small).sampler == "tensor_parallel"
+    p = launch(world["common"] + ["--out", str(world["dir"] / "nofit"), "--gpu_memory_gib", "0.0001"], nproc=0)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "no sampler fits the memory plan at 1 rank(s)" in p.stderr and "| **peak: gathered decode** |" in p.stderr
