@@ -1,4 +1,4 @@
-"""What makes a 70B proxy fit 8 x 80 GB: tensor-parallel sampling for the round pre-pass, per-rank
+"""What makes a 70B proxy fit 8 x 80 GB: tensor-parallel sampling for the round's reference pass, per-rank
 streaming loads and exports of safetensors checkpoints, and the memory plan that says which sampler
 a run can afford before any weight is loaded.
 
@@ -8,7 +8,7 @@ heads), o_proj and down_proj 1/world of their input columns, so a block needs on
 attention and one after the MLP, and each rank's KV cache holds only its own heads. Embeddings, final
 norm and lm_head are replicated (1 GB at 70B), so the logits are whole on every rank.
 
-train_proxy.py and train_student.py import this module; the FSDP2 plumbing stays in train_proxy.py.
+train_proxy.py, train_student.py and plumbing.py (process group, FSDP2 sharding, checkpoints) import this module.
 """
 import dataclasses
 import math
@@ -362,7 +362,7 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         build = _block_params(args) * base_itemsize + lora_full // args.n_layers
         phases["TP decode"] = resident + items["TP decode: block slices + replicated root"] + max(
             build, items["TP decode: KV cache"] + items["TP decode: prefill"])
-    # the pre-pass also scores [y; y_hat] teacher-forced, without grad: under the train step's peak
+    # the reference pass also scores [y; y_hat] teacher-forced, without grad: under the train step's peak
     # auto: the whole model per GPU when it fits in 90% of the budget (the CUDA context and allocator
     # fragmentation take the rest), else tensor-parallel where the heads divide. Never at one rank, where
     # the tensor-parallel copy is a second whole model next to the first

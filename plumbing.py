@@ -749,7 +749,7 @@ def round_meta(cfg, round_i: int, rank: int, world: int) -> dict[str, str]:
 
 
 def save_round(path: str, pairs: dict, meta: dict) -> None:
-    """Write one rank's round pre-pass atomically (temp file + os.replace: whole or absent)."""
+    """Write one rank's round file (its reference pass) atomically (temp file + os.replace: whole or absent)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in pairs.items()}, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
@@ -768,7 +768,7 @@ def load_round(path: str, meta: dict, example_ids: list[int]) -> dict | None:
 
 def must_sample(pairs: dict | None, mid_round: bool, path: str, rank: int, device) -> bool:
     """Collective: whether the ranks sample the round's reference pass now. Sampling is collective (FSDP
-    forwards), and a crash in the pre-pass can leave some ranks' files written and others not: at the
+    forwards), and a crash in the reference pass can leave some ranks' files written and others not: at the
     round start every rank then samples again (the same y_hat: same weights, same generator). Inside
     the round the reference weights are gone, so a missing file stops every rank."""
     missing = pairs is None

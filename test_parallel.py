@@ -225,7 +225,7 @@ def test_tensor_parallel_run_matches_gathered(run_samplers):
 
 
 def test_tensor_parallel_resume_inside_a_round(world, run_samplers):  # noqa: F811
-    """Stop after round 1's pre-pass and first step, resume: the same steps and adapter, bitwise."""
+    """Stop after round 1's reference pass and first step, resume: the same steps and adapter, bitwise."""
     common, outs = run_samplers
     ref = outs["tensor_parallel"]
     stop = next(r["step"] for r in steps_of(ref) if r.get("round") == 1)

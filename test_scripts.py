@@ -51,7 +51,7 @@ def test_benchmark_runs(tmp_path):
         res = json.load(f)
     (row,) = res["rows"]
     assert row["proxy_tok_s"] > 0 and row["student_tok_s"] > 0 and row["decode_tok_s"] > 0
-    (pre,) = res["prepass"]  # the round pre-pass at 2 ranks, both samplers
+    (pre,) = res["prepass"]  # the round's reference pass at 2 ranks, both samplers
     assert pre["world"] == 2 and pre["gathered_tok_s"] > 0 and pre["tp_tok_s"] > 0
     # top-10 int32 ids + fp16 log-probs = 60 bytes per token, plus the per-example offsets and headers
     assert 60 <= row["cache_bytes_per_token"] < 70

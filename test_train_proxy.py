@@ -254,11 +254,11 @@ def test_checkpoint_layout_is_the_same_at_one_and_two_ranks(run_ws1, run_ws2):
 
 
 def test_resume_matches_uninterrupted(world, run_sampled):
-    """Stop inside round 1 (after its pre-pass), resume: same per-step losses and the same final
+    """Stop inside round 1 (after its reference pass), resume: same per-step losses and the same final
     adapter as the uninterrupted run, bitwise (same world size, deterministic CPU kernels)."""
     out = str(world["dir"] / "resumed")
     round1 = [r["step"] for r in steps_of(run_sampled) if r.get("round") == 1]
-    stop = round1[0]  # after round 1's pre-pass and first step, before its last
+    stop = round1[0]  # after round 1's reference pass and first step, before its last
     assert stop < round1[-1]
     ok(launch(world["common"] + SAMPLED + ["--out", out, "--stop_after_steps", str(stop)]))
     assert max(r["step"] for r in steps_of(out)) == stop
@@ -291,7 +291,7 @@ def crash_and_resume(args: list[str], crash_at: str, script: str = "train_proxy.
 
 
 def test_resume_when_only_some_ranks_have_their_round_file(world, run_sampled):
-    """A crash inside the round pre-pass can leave rank 0's round file written and rank 1's not. Resuming
+    """A crash inside the round's reference pass can leave rank 0's round file written and rank 1's not. Resuming
     from the checkpoint at the round start must agree across ranks to sample again (not hang with one
     rank sampling and the other training) and end bitwise equal to the uninterrupted run."""
     out = str(world["dir"] / "half_round")
@@ -310,7 +310,7 @@ def test_resume_when_only_some_ranks_have_their_round_file(world, run_sampled):
 # SAMPLED with a checkpoint after every step: 1 warm-up step, then rounds of 2 steps (steps 2-3, 4-5, 6-7)
 @pytest.mark.parametrize("crash_at", [
     "step:1:1",  # during warm-up: rank 1 dies after the first update, before its checkpoint
-    "sample:2:1",  # inside round 1's pre-pass: rank 1 dies before its second micro-batch of samples
+    "sample:2:1",  # inside round 1's reference pass: rank 1 dies before its second micro-batch of samples
     "step:3:0",  # mid-round: rank 0 dies after round 1's second update (resumes inside round 1)
     "checkpoint:3:0",  # during a checkpoint write: step 3's dir is renamed into place, `latest` not yet moved
 ])
@@ -359,7 +359,7 @@ def test_malformed_data_fails_with_file_and_line(world):
 
 
 def test_no_dpo_is_nll_only_alignment(world, run_ws1):
-    """--no_dpo (the "-PO" ablation): same plan, no sampling pre-pass, and every stage-2 step is Eq. 3
+    """--no_dpo (the "-PO" ablation): same plan, no reference pass, and every stage-2 step is Eq. 3
     alone (loss == nll). Its first round step sees the warmed-up proxy, like the DPO run's, so their NLL
     terms agree there (the DPO term adds nothing to the NLL value itself)."""
     out = str(world["dir"] / "no_dpo")

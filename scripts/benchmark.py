@@ -9,9 +9,9 @@ which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every line
                 for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
   student step  train_student.student_step: Eq. 11 = NLL + alpha * w * KL against a top-10 cache
                 (random, in memory), chunked over the vocabulary. tokens/s counts B*T.
-  decode        model.generate: batched KV-cache sampling of B prompts (the round pre-pass), new tokens/s.
+  decode        model.generate: batched KV-cache sampling of B prompts (a round's reference pass), new tokens/s.
   cache         train_student.build_cache writing real part files: bytes per cached response token.
-  pre-pass      the round pre-pass decode at --prepass_world ranks (a torchrun launch of this script):
+  ref. pass     the round's reference-pass decode at --prepass_world ranks (a torchrun launch of this script):
                 new tokens/s per rank of the gathered sampler (whole model per rank, each rank decodes its
                 own B prompts) and of the tensor-parallel one (parallel.tensor_parallel_copy: all ranks
                 decode all world x B prompts together), and their ratio, in the same run.
@@ -89,7 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="accelerator peak for MFU (default: 989 for H100/H200, 312 for A100 bf16 dense)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
-    p.add_argument("--prepass_world", type=int, default=2, help="ranks of the pre-pass comparison (0 = skip it)")
+    p.add_argument("--prepass_world", type=int, default=2, help="ranks of the reference-pass sampler comparison (0 = skip it)")
     p.add_argument("--prepass_only", action="store_true", help=argparse.SUPPRESS)  # the torchrun half
     p.add_argument("--compare_hf", action="store_true",
                    help="time transformers + peft side by side instead (see the module docstring)")
@@ -199,7 +199,7 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     row = dict(config=name, dtype=str(dtype).replace("torch.", ""), params_M=n_params / 1e6, B=B, T=T)
     n_flop = matmul_params(args)
 
-    # proxy step: [y; y_hat] stacked, reference log-probs as from a round pre-pass
+    # proxy step: [y; y_hat] stacked, reference log-probs as from a round's reference pass
     cfg = tp.Config(beta=0.1)
     pb = batch(2 * B, T, P, args.vocab_size, device, n=B)
     pb["ref_chosen"] = torch.zeros(B, device=device)
@@ -244,7 +244,7 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
 
 
 def bench_prepass(name: str, dtype: torch.dtype, device, a) -> dict:
-    """Collective. Round pre-pass decode on every rank: B prompts of P tokens per rank, s["new"] sampled
+    """Collective. The reference pass's decode on every rank: B prompts of P tokens per rank, s["new"] sampled
     tokens each (eos never sampled), with the gathered sampler and with the tensor-parallel one."""
     import torch.distributed as dist
 
@@ -448,7 +448,7 @@ def main(argv=None) -> None:
         plumbing.finish(0)
     cuda = os.environ.get("PROXYKD_DEVICE", "auto") != "cpu" and torch.cuda.is_available()
     dtypes = a.dtypes or ("bfloat16" if cuda else "float32,bfloat16")
-    # the multi-rank pre-pass first: this process takes no GPU (context, process group) until it is done
+    # the multi-rank reference-pass decode first: this process takes no GPU (context, process group) until it is done
     world = 0 if a.compare_hf else a.prepass_world if not cuda else min(a.prepass_world, torch.cuda.device_count())
     pre = prepass(a, dtypes, world, cuda) if world > 1 else []
     _, _, device = plumbing.init_distributed()
@@ -473,7 +473,7 @@ def main(argv=None) -> None:
                    f"peft {peft.__version__}")
     md = compare_table(rows, header) if a.compare_hf else table(rows, header)
     if pre:
-        md += "\n\n" + prepass_table(pre, f"Round pre-pass decode at {world} ranks ({'NCCL' if cuda else 'gloo'}), "
+        md += "\n\n" + prepass_table(pre, f"Reference-pass decode at {world} ranks ({'NCCL' if cuda else 'gloo'}), "
                                            f"{max(1, a.steps - 1)} timed passes after one untimed")
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -486,7 +486,7 @@ def main(argv=None) -> None:
 
 def prepass(a, dtypes: str, world: int, cuda: bool) -> list[dict]:
     """The reference-pass samplers at `world` ranks: a torchrun launch of this script (--prepass_only)."""
-    print(f"pre-pass at {world} ranks ...", file=sys.stderr, flush=True)
+    print(f"reference-pass decode at {world} ranks ...", file=sys.stderr, flush=True)
     pre_json = os.path.splitext(os.path.abspath(a.out))[0] + ".prepass.json"
     os.makedirs(os.path.dirname(pre_json), exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
