@@ -466,19 +466,19 @@ def test_provenance_guards_d_s(world, tmp_path):
     assert not os.path.exists(str(tmp_path / "out" / "cache"))
 
 
-@pytest.mark.parametrize("flag,value,what", [
-    ("--base", "no/such/dir", "no such directory; expected an HF-format checkpoint dir"),
-    ("--tokenizer", "no/such/tokenizer.model", "cannot read the tokenizer"),
-    ("--tokenizer", "DATA", "not a sentencepiece model"),  # a JSONL file given as the tokenizer
+@pytest.mark.parametrize("flag,value,what,nproc", [
+    ("--base", "no/such/dir", "no such directory; expected an HF-format checkpoint dir", 2),
+    ("--tokenizer", "no/such/tokenizer.model", "cannot read the tokenizer", 0),
+    ("--tokenizer", "DATA", "not a sentencepiece model", 0),  # a JSONL file given as the tokenizer
 ])
-def test_bad_paths_give_one_line_errors(world, tmp_path, flag, value, what):
-    """A missing base dir or an unreadable tokenizer stops both ranks (torchrun then exits non-zero) with
-    one line naming the path and what was expected, and no traceback."""
+def test_bad_paths_give_one_line_errors(world, tmp_path, flag, value, what, nproc):
+    """A missing base dir or an unreadable tokenizer stops every rank (at 2 ranks torchrun then exits
+    non-zero) with one line naming the path and what was expected, and no traceback through our code."""
     value = world["data"] if value == "DATA" else value
     args = ["--base", world["student"], "--tokenizer", world["tok_path"], "--data", world["data"], "--out",
             str(tmp_path / "out"), flag, value]
     for script, extra in (("train_student.py", ["--alpha", "0"]), ("train_proxy.py", [])):
-        p = test_train_proxy.launch(args + extra, script=script)
+        p = test_train_proxy.launch(args + extra, nproc=nproc, script=script)
         assert p.returncode != 0, p.stderr[-3000:]
         lines = [line for line in p.stderr.splitlines() if what in line]
         assert len(lines) == 1 and value in lines[0], p.stderr[-3000:]
