@@ -63,7 +63,7 @@ def proxy_run(world):
 
 def test_proxy_trains_on_cuda_with_both_samplers(world, proxy_run):
     """bf16 base, NCCL at one rank: every step finite, each round's DPO starting at log 2 (the policy is
-    its reference), the merged proxy written; the tensor-parallel sampler (a whole copy at one rank,
+    its reference), a merged proxy written; the tensor-parallel sampler (a whole copy at one rank,
     which auto never picks) trains too."""
     for out in (proxy_run, str(world["dir"] / "proxy_tp")):
         if out != proxy_run:

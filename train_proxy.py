@@ -203,6 +203,7 @@ def sample_round(model, steps: list, encoded: dict, tok: data.Tokenizer, cfg: Co
         with gathered(model):  # one all-gather per unit here; the decode forwards below issue none
             y_hats = [y for i in tqdm(range(0, len(prompts), n), desc="sample", leave=False, disable=not show)
                       for y in generate(model, prompts[i : i + n], cfg.max_new_tokens, tok.eos_id, tok.pad_id, **sampling)]
+        plumbing.long_barrier()  # each rank decoded its own rows to their own ends: the first done waits here
     y_hats = iter(y_hats)
     for ids in micro:  # every rank has the same number of micro-batches: the same FSDP forwards
         plumbing.crash_point("sample")
