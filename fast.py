@@ -120,13 +120,11 @@ def default_chunk_size(vocab_size: int, device) -> int:
     return max(1, (16 << 20) // (4 * vocab_size))
 
 
-def _chunk_rows(hidden: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> h (B*(T-1), D) in its own dtype, w (V, D) in the compute dtype, y (B*(T-1),), mask (B*(T-1),)."""
+def _chunk_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> h (B*(T-1), D) in its own dtype, y (B*(T-1),), mask (B*(T-1),): the shifted grid, flattened."""
     B, T, D = hidden.shape
     y, m = pk.shift_labels(labels)
-    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
-    w = weight.to(_compute_dtype(hidden, weight))
-    return hidden[:, :-1].reshape(B * (T - 1), D), w, y.reshape(-1), m.reshape(-1)
+    return hidden[:, :-1].reshape(B * (T - 1), D), y.reshape(-1), m.reshape(-1)
 
 
 def _map_chunks(fn, chunk_size: int | None, h: Tensor, w: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
@@ -160,7 +158,9 @@ def token_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_si
     0 where masked. chunk_size: positions per fp32 (chunk_size, V) logits block.
     """
     B, T, _ = hidden.shape
-    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    h, y, m = _chunk_rows(hidden, labels)
+    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
+    w = weight.to(_compute_dtype(hidden, weight))
     (lp,) = _map_chunks(_logp_rows, chunk_size, h, w, y)
     return lp.masked_fill(~m, 0.0).view(B, T - 1)
 
@@ -187,7 +187,9 @@ def student_loss_chunked(
     `model(tokens, head_fn=lambda h, w: student_loss_chunked(h, w, labels, ids, lps, wts, n_tokens=N))`.
     """
     B, T, _ = hidden.shape
-    h, w, y, m = _chunk_rows(hidden, weight, labels)
+    h, y, m = _chunk_rows(hidden, labels)
+    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
+    w = weight.to(_compute_dtype(hidden, weight))
     ids, p_lp = _clean_topk(topk_ids, topk_logps, m.view(B, T - 1), w.dtype)
     k = ids.shape[-1]
     lp, kl = _map_chunks(_student_rows, chunk_size, h, w, y, ids.reshape(-1, k), p_lp.reshape(-1, k))
@@ -208,9 +210,8 @@ def topk_logps_chunked(
     response_mask(labels) True are meaningful (the rest are computed but ignored downstream).
     No gradients. With k = 1, topk_ids[..., 0] == labels[:, 1:] is the top-1 agreement.
     """
-    B, T, D = hidden.shape
-    y, m = pk.shift_labels(labels)
-    h, y, m = hidden[:, :-1].reshape(B * (T - 1), D), y.reshape(-1), m.reshape(-1)
+    B, T, _ = hidden.shape
+    h, y, m = _chunk_rows(hidden, labels)
     dtype = _compute_dtype(hidden, weight)
 
     def rows(h_c: Tensor, w_c: Tensor, y_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:

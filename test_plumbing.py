@@ -2,7 +2,6 @@
 timeouts (a stuck rank stops the run; the known-long phases may wait), the host syncs of a training step,
 and the stop when no sampler fits the memory plan."""
 
-import os
 import time
 
 import pytest

@@ -201,10 +201,8 @@ def example_weights(cfg: Config, cache: plumbing.ProxyCache, d_s: list[int], ran
     contributes a disjoint slice to their all_reduce. Examples cut to no response tokens (prompt >=
     max_len) have no KL term; they are left out of the moments and weigh 0."""
     scored = [i for i, n in zip(d_s, cache.n_tokens(d_s).tolist()) if n > 0]
-    mine = scored[rank::world]
-    mu, gamma = plumbing.reduce_mean_std(
-        pk.weight_scores(cache.seq_logps(mine).to(device), cache.n_tokens(mine).to(device), cfg.weight_per_token))
     scores = pk.weight_scores(cache.seq_logps(scored), cache.n_tokens(scored), cfg.weight_per_token)
+    mu, gamma = plumbing.reduce_mean_std(scores[rank::world].contiguous().to(device))
     w = pk.sample_weights(scores, mu.cpu(), gamma.cpu())
     records.append({"step": 0, "phase": "weights", "mu": mu.item(), "gamma": gamma.item(), "per_token": cfg.weight_per_token,
                     "used": not cfg.no_weights, "w_mean": w.mean().item(), "w_min": w.min().item(), "w_max": w.max().item()})

@@ -317,7 +317,6 @@ def hf_step(model, opt, loss_fn) -> None:
 
 def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     """Ours vs transformers + peft on one config and base dtype: one row per step, median tokens/s."""
-    import fast
     import proxykd as pk
     from transformers import GenerationConfig
 
