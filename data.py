@@ -21,7 +21,7 @@ Splits and batches (stable across runs, Python hash seeds, numpy versions and wo
 is a sort by blake2b(key, index), never Python's hash() or a numpy stream)
     split_indices(n, seed): D_w 10% / D_p 45% / D_s 45% (paper Section 3.3).
     round_shards(D_p, k): round i of the alignment stage takes shard i.
-    rank_batches(...): global batch j = examples [j*G, (j+1)*G) of the epoch's shuffled order, G =
+    rank_batches(...) / plan_steps(...): global batch j = examples [j*G, (j+1)*G) of the epoch's shuffled order, G =
     batch_size * world_size; rank r takes positions [r*B, (r+1)*B) of it. The order is padded by
     wrapping to a multiple of G, so every rank has the same number of full batches (FSDP ranks stay in
     lockstep) and up to G-1 examples are seen twice per epoch. The global batches depend on G, seed and
@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import sentencepiece as spm
 import torch
 
+from proxykd import IGNORE_INDEX, num_response_tokens
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # label of positions without a loss (prompt, pad); proxykd.py uses the same value
 
 # How many examples encode_example saw / truncated in this process (reported by the log, read by callers).
 COUNTS: collections.Counter = collections.Counter()
@@ -291,6 +292,36 @@ def rank_batches(indices: list[int], batch_size: int, rank: int, world_size: int
     n_batches = math.ceil(len(order) / G)
     padded = [order[t % len(order)] for t in range(n_batches * G)]
     return [padded[j * G + rank * batch_size : j * G + (rank + 1) * batch_size] for j in range(n_batches)]
+
+
+def plan_steps(indices: list[int], cfg, rank: int, world: int, epochs) -> list[list[list[int]]]:
+    """This rank's optimizer steps over `indices` for the given epochs: a list of steps, each a list of
+    cfg.grad_accum micro-batches (rank_batches, cfg.batch_size examples each) of example ids. Every rank
+    gets the same number, and the global batch is the same set of examples for any world size at equal
+    batch_size * world."""
+    micro = [b for e in epochs for b in rank_batches(indices, cfg.batch_size, rank, world, cfg.seed, epoch=e)]
+    return [micro[j : j + cfg.grad_accum] for j in range(0, len(micro), cfg.grad_accum)]
+
+
+def make_batch(ids: list[int], encoded: dict, pad_id: int, device, extra: list[dict] = ()) -> dict:
+    """Example ids -> a micro-batch: input_ids / labels (B, T) on `device`, and from their host copy
+    labels_cpu, "ids", n = len(ids), n_tokens = the examples' response tokens and n_fwd = the tokens
+    forwarded (for tokens/s), so that no step waits on the device for a count. `extra`: encoded rows
+    stacked after the examples' own (a round's y_hat), forwarded but not in n_tokens."""
+    encs = [encoded[i] for i in ids] + list(extra)
+    cpu = collate(encs, pad_id)
+    batch = {k: to_device(v, device) for k, v in cpu.items()}
+    batch["labels_cpu"], batch["ids"], batch["n"] = cpu["labels"], ids, len(ids)
+    batch["n_tokens"] = int(num_response_tokens(cpu["labels"][: len(ids)]))
+    batch["n_fwd"] = float(sum(len(e["input_ids"]) for e in encs))
+    return batch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------

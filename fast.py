@@ -1,15 +1,15 @@
 """Fast paths of proxykd.py's losses: the same numbers from the model's final hidden states and output
 weight, without ever holding (B, T, V) logits. Each function here is tested equal to its reference in
 proxykd.py, values and gradients (test_fast.py); read proxykd.py for the method, this file for speed.
+Training runs them by default (`--loss fused`); `--loss reference` runs proxykd.py's functions on the
+full logits instead (run.head).
 
-- Chunked (`token_logps_chunked`, `sequence_logps_chunked`, `student_loss_chunked`, `topk_logps_chunked`):
-  hidden (B, T, D) and weight (V, D) instead of logits. fp32 logits exist for one chunk of positions at
-  a time, and under autograd each chunk is checkpointed, so memory holds one (chunk, V) block instead of
-  the sequence's logits. `topk_logps_chunked` produces the proxy's top-k cache (proxykd.topk_logps).
-- Fused (`token_logps_fused`, `sequence_logps_fused`, `student_loss_fused`; what training runs): the
-  chunked values and gradients, faster. Only response rows reach the head, and each chunk's gradient
-  with respect to the hidden states is taken in the forward, in place in one reused (chunk, V) buffer,
-  so the backward neither keeps nor recomputes logits.
+- `topk_logps_chunked` (the proxy cache's producer, proxykd.topk_logps, and the held-out evaluation):
+  fp32 logits exist for one chunk of positions at a time.
+- The fused heads (`token_logps_fused`, `nll_loss_fused`, `sequence_logps_fused`, `student_loss_fused`):
+  only response rows reach the head, and each chunk's gradient with respect to the hidden states is
+  taken in the forward, in place in one reused (chunk, V) buffer, so the backward neither keeps nor
+  recomputes logits.
 
 Every head is meant as a model's head_fn:
 `model(tokens, head_fn=lambda h, w: fast.sequence_logps_fused(h, w, labels))`, which under FSDP2 runs it
@@ -19,12 +19,8 @@ inside the root forward, where the output weight is unsharded.
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 import proxykd as pk
-
-# ---------------------------------------------------------------------------------------------------
-# the references' arithmetic, factored for the chunk loops (proxykd.py spells each out inline)
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -36,166 +32,22 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _divisor(n: Tensor | float | None, labels: Tensor) -> Tensor | float:
-    return pk.num_response_tokens(labels).clamp(min=1) if n is None else n
-
-
 def _label_logps(logits: Tensor, y: Tensor, lse: Tensor) -> Tensor:
     """logits (..., V), y (...), lse (...) the log-partition -> log pi(y) (...)."""
     return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
 
 
-def _coarse_kl(logits: Tensor, lse: Tensor, ids: Tensor, p_lp: Tensor) -> Tensor:
-    """Per-position KL(p_coarse || q_coarse) over k+1 buckets (Eq. 8 on a top-k cache).
-
-    logits (..., V) student logits (compute dtype), lse (...) their logsumexp, ids (..., k) long,
-    p_lp (..., k) proxy log-probs normalised over the full vocabulary -> (...) KL >= 0.
-    Buckets: the k cached tokens, plus (when k < V) one tail bucket holding everything else:
-    p_tail = 1 - sum_k p_k, q_tail = 1 - sum_k q_k. When k == V there is no tail and this is the exact
-    full-vocabulary KL.
-    """
-    log_q_k = logits.gather(-1, ids) - lse.unsqueeze(-1)  # log pi_s on the k cached ids
-    log_q_tail = None
-    if ids.shape[-1] < logits.shape[-1]:
-        # student tail = logsumexp over the complement of the k ids. Computing it by masking (instead of
-        # log(1 - sum_k q_k)) stays exact when pi_s puts all but 1e-9 of its mass on the k ids.
-        log_q_tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
-    return _coarse_kl_logq(log_q_k, log_q_tail, p_lp)
-
-
-def _coarse_kl_logq(log_q_k: Tensor, log_q_tail: Tensor | None, p_lp: Tensor) -> Tensor:
-    """_coarse_kl from the student's log-probs: log_q_k (..., k) on the cached ids, log_q_tail (...) of
-    the tail bucket (None when k == V: no tail), p_lp (..., k) -> (...) KL >= 0."""
-    if log_q_tail is None:
-        # no tail bucket: renormalise pi_p so fp16 rounding of the cache cannot make the sum != 1
-        log_p_k = p_lp.log_softmax(-1)
-        p_k = log_p_k.exp()
-        kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1)
-        return kl.clamp(min=0)  # rounding leaves ~-1e-16 when pi_s ~= pi_p; true value >= 0
-    lse_p = p_lp.logsumexp(-1)
-    # fp16 rounding can push sum_k p_k slightly above 1: renormalise only then (tail = 0), so the
-    # coarse pi_p is always a proper distribution and the KL stays >= 0
-    log_p_k = p_lp - lse_p.clamp(min=0).unsqueeze(-1)
-    p_k = log_p_k.exp()
-    p_tail = -torch.expm1(lse_p.clamp(max=0))  # 1 - sum_k p_k, exact for tiny tails, >= 0
-    kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
-    # the true value is >= 0; when pi_s ~= pi_p rounding leaves ~-1e-16, where the gradient is ~0 anyway
-    return kl.clamp(min=0)
-
-
-def _clean_topk(ids: Tensor, p_lp: Tensor, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Replace cache entries at masked positions (padding: any value, NaN, out-of-range ids) with
-    harmless ones so they cannot leak NaN into gradients; the proxy is a constant target."""
-    m = ~mask.unsqueeze(-1)
-    return ids.long().masked_fill(m, 0), p_lp.detach().to(dtype).masked_fill(m, 0.0)
-
-
-def _student_reduce(
-    lp: Tensor, kl_seq: Tensor, labels: Tensor, weights: Tensor | None, alpha: float, n_tokens
-) -> pk.StudentLoss:
-    """lp (B, T-1) masked log pi_s(y_t), kl_seq (B,) -> StudentLoss with proxykd.student_loss's reduction."""
-    n = _divisor(n_tokens, labels)
-    nll = -lp.sum() / n
-    w = torch.ones_like(kl_seq) if weights is None else weights.detach().to(kl_seq.dtype)
-    wkl = (w * kl_seq).sum() / n  # Eq. 10: w(x,y) * D_KL(pi_p || pi_s), per token
-    return pk.StudentLoss(nll + alpha * wkl, nll.detach(), wkl.detach(), kl_seq.detach())
-
-
-# ---------------------------------------------------------------------------------------------------
-# chunked variants: (hidden (B, T, D), weight (V, D)) instead of logits. They are meant to be the
-# model's head_fn: `model(tokens, head_fn=lambda h, w: sequence_logps_chunked(h, w, labels))`, which
-# under FSDP2 runs them inside the root forward where the output weight is unsharded. fp32 logits exist
-# for one chunk of `chunk_size` positions at a time; under autograd each chunk is checkpointed, so the
-# backward recomputes a chunk's logits instead of keeping all of them alive.
-
-
 def default_chunk_size(vocab_size: int, device) -> int:
-    """Rows per (rows, V) fp32 logits block when a chunked / fused head is given chunk_size None or 0: 1024 on
+    """Rows per (rows, V) fp32 logits block when a head is given chunk_size None or 0: 1024 on
     accelerators; on the CPU as many rows as keep the block at 16 MiB, because glibc serves blocks over
-    32 MiB with fresh mmap pages, page-faulted anew on every allocation. Measured on the benchmark's mid
-    config (vocabulary 32,000, bf16): the head allocating per chunk 1.7-3x slower at 1024 rows than at
-    128; the fused head, which allocates once per call, 4% per training step."""
+    32 MiB with fresh mmap pages, page-faulted anew on every allocation (RESULTS.md, "The fused head")."""
     if torch.device(device).type != "cpu":
         return 1024
     return max(1, (16 << 20) // (4 * vocab_size))
 
 
-def _chunk_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """-> h (B*(T-1), D) in its own dtype, y (B*(T-1),), mask (B*(T-1),): the shifted grid, flattened."""
-    B, T, D = hidden.shape
-    y, m = pk.shift_labels(labels)
-    return hidden[:, :-1].reshape(B * (T - 1), D), y.reshape(-1), m.reshape(-1)
-
-
-def _map_chunks(fn, chunk_size: int | None, h: Tensor, w: Tensor, *rows: Tensor) -> tuple[Tensor, ...]:
-    """Apply fn(h_c, w, *rows_c) -> tuple of (n_c, ...) tensors to row chunks and concatenate.
-    chunk_size None or 0: default_chunk_size."""
-    n = h.shape[0]
-    chunk_size = chunk_size or default_chunk_size(w.shape[0], h.device)
-    grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-    outs = []
-    for s in range(0, max(n, 1), chunk_size):
-        args = (h[s : s + chunk_size], w, *(r[s : s + chunk_size] for r in rows))
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-    return tuple(torch.cat(parts) for parts in zip(*outs))
-
-
-def _logp_rows(h: Tensor, w: Tensor, y: Tensor) -> tuple[Tensor]:
-    logits = F.linear(h.to(w.dtype), w)  # (n, V) compute dtype: the only vocab-sized tensor
-    return (_label_logps(logits, y, logits.logsumexp(-1)),)
-
-
-def _student_rows(h: Tensor, w: Tensor, y: Tensor, ids: Tensor, p_lp: Tensor) -> tuple[Tensor, Tensor]:
-    logits = F.linear(h.to(w.dtype), w)  # (n, V)
-    lse = logits.logsumexp(-1)
-    return _label_logps(logits, y, lse), _coarse_kl(logits, lse, ids, p_lp)
-
-
-def token_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
-    """proxykd.token_logps from the final-normed hidden states without materialising (B, T, V).
-
-    hidden (B, T, D), weight (V, D) the output projection (bf16 ok), labels (B, T) -> (B, T-1) fp32,
-    0 where masked. chunk_size: positions per fp32 (chunk_size, V) logits block.
-    """
-    B, T, _ = hidden.shape
-    h, y, m = _chunk_rows(hidden, labels)
-    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
-    w = weight.to(_compute_dtype(hidden, weight))
-    (lp,) = _map_chunks(_logp_rows, chunk_size, h, w, y)
-    return lp.masked_fill(~m, 0.0).view(B, T - 1)
-
-
-def sequence_logps_chunked(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
-    """proxykd.sequence_logps (Eq. 1, 3, 4, 9) from hidden (B, T, D), weight (V, D), labels (B, T) ->
-    (B,) fp32. The proxy's DPO/NLL forward: proxy_loss(*sequence_logps_chunked(...).split(...), ...)."""
-    return token_logps_chunked(hidden, weight, labels, chunk_size).sum(-1)
-
-
-def student_loss_chunked(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    topk_ids: Tensor,
-    topk_logps: Tensor,
-    weights: Tensor | None = None,
-    alpha: float = 100.0,
-    n_tokens: Tensor | float | None = None,
-    chunk_size: int | None = None,
-) -> pk.StudentLoss:
-    """proxykd.student_loss (Eq. 7 + alpha * Eq. 10 = Eq. 11) from hidden (B, T, D) and weight (V, D)
-    instead of logits; same arguments, reduction and result (equal up to float rounding). As a head_fn:
-    `model(tokens, head_fn=lambda h, w: student_loss_chunked(h, w, labels, ids, lps, wts, n_tokens=N))`.
-    """
-    B, T, _ = hidden.shape
-    h, y, m = _chunk_rows(hidden, labels)
-    # upcast the output weight once: its gradient (if any) then accumulates over chunks in fp32
-    w = weight.to(_compute_dtype(hidden, weight))
-    ids, p_lp = _clean_topk(topk_ids, topk_logps, m.view(B, T - 1), w.dtype)
-    k = ids.shape[-1]
-    lp, kl = _map_chunks(_student_rows, chunk_size, h, w, y, ids.reshape(-1, k), p_lp.reshape(-1, k))
-    lp = lp.masked_fill(~m, 0.0).view(B, T - 1)
-    kl_seq = kl.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
-    return _student_reduce(lp, kl_seq, labels, weights, alpha, n_tokens)
+# ---------------------------------------------------------------------------------------------------
+# the proxy cache's producer
 
 
 @torch.no_grad()
@@ -210,21 +62,23 @@ def topk_logps_chunked(
     response_mask(labels) True are meaningful (the rest are computed but ignored downstream).
     No gradients. With k = 1, topk_ids[..., 0] == labels[:, 1:] is the top-1 agreement.
     """
-    B, T, _ = hidden.shape
-    h, y, m = _chunk_rows(hidden, labels)
+    B, T, D = hidden.shape
+    y, m = pk.shift_labels(labels)
+    h, y, m = hidden[:, :-1].reshape(B * (T - 1), D), y.reshape(-1), m.reshape(-1)  # the shifted grid, flat
     dtype = _compute_dtype(hidden, weight)
-
-    def rows(h_c: Tensor, w_c: Tensor, y_c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    ids, lps, lp = [], [], []
+    for s in range(0, max(h.shape[0], 1), chunk_size):
         # the matmul in the weight's own dtype (bf16 on a bf16 proxy), then an fp32 (n, V) block: no fp32
         # copy of the output weight (1 GiB at 70B) and no fp32 GEMM
-        logits = F.linear(h_c.to(w_c.dtype), w_c).to(dtype)  # (n, V)
+        logits = F.linear(h[s : s + chunk_size].to(weight.dtype), weight).to(dtype)  # (n, V)
         lse = logits.logsumexp(-1)
-        vals, ids = logits.topk(k, dim=-1)
-        return ids.to(torch.int32), vals - lse.unsqueeze(-1), _label_logps(logits, y_c, lse)
-
-    ids, lps, lp = _map_chunks(rows, chunk_size, h, weight, y)
-    seq = lp.masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
-    return ids.view(B, T - 1, k), lps.view(B, T - 1, k), seq
+        vals, top = logits.topk(k, dim=-1)
+        ids.append(top.to(torch.int32))
+        lps.append(vals - lse.unsqueeze(-1))
+        lp.append(_label_logps(logits, y[s : s + chunk_size], lse))
+    seq = torch.cat(lp).masked_fill(~m, 0.0).view(B, T - 1).sum(-1)
+    return torch.cat(ids).view(B, T - 1, k), torch.cat(lps).view(B, T - 1, k), seq
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +99,7 @@ def topk_logps_chunked(
 
 def _head_buffers(rows: int, w_mm: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """The (rows, V) blocks _head_chunk works in, allocated once per call and reused by every chunk: a
-    fresh vocab-sized allocation per chunk costs page faults on the CPU (measured 10x the copy itself)."""
+    fresh vocab-sized allocation per chunk page-faults anew on the CPU."""
     V = w_mm.shape[0]
     buf = torch.empty(rows, V, dtype=dtype, device=w_mm.device)
     return buf, None if w_mm.dtype == dtype else torch.empty(rows, V, dtype=w_mm.dtype, device=w_mm.device)
@@ -317,7 +171,7 @@ class _FusedHead(torch.autograd.Function):
     d s_t / d h_t = (d s_t / d logits_t) @ w be computed in the forward; the backward is then
     grad_h = grad_s[:, None] * those rows.
     A trainable w (tied embeddings, full fine-tuning; not LoRA) needs grad_s inside its sum over rows, so
-    its gradient is computed in the backward by recomputing each chunk, as the checkpointed version does.
+    its gradient is computed in the backward by recomputing each chunk's logits.
     """
 
     @staticmethod
@@ -363,7 +217,7 @@ def _logp_cols(lq_y: Tensor, lq_k: None, lq_tail: None) -> Tensor:
 
 
 def _student_cols(lq_y: Tensor, lq_k: Tensor, lq_tail: Tensor | None, p_lp: Tensor) -> Tensor:
-    return torch.stack([lq_y, _coarse_kl_logq(lq_k, lq_tail, p_lp)], -1)  # (n, 2)
+    return torch.stack([lq_y, pk.bucket_kl(lq_k, lq_tail, p_lp)], -1)  # (n, 2): Eq. 8 per position
 
 
 def _response_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -390,6 +244,14 @@ def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size
     coef = torch.ones(h.shape[0], 1, dtype=_compute_dtype(hidden, weight), device=hidden.device)
     lp, _ = _FusedHead.apply(h, weight, coef, _logp_cols, chunk_size, y, None)
     return _scatter_rows(lp, idx, B, T)
+
+
+def nll_loss_fused(hidden: Tensor, weight: Tensor, labels: Tensor, n_tokens: Tensor | float | None = None,
+                   chunk_size: int | None = None) -> Tensor:
+    """proxykd.nll_loss (Eq. 1 / 3 / 7) by the fused head: the same lines on token_logps_fused's log-probs."""
+    if n_tokens is None:
+        n_tokens = pk.num_response_tokens(labels).clamp(min=1)
+    return -token_logps_fused(hidden, weight, labels, chunk_size).sum() / n_tokens
 
 
 def sequence_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
@@ -420,7 +282,7 @@ def student_loss_fused(
     k = topk_ids.shape[-1]
     ids = topk_ids.reshape(-1, k)[idx].long()
     p_lp = topk_logps.reshape(-1, k)[idx].detach().to(dtype)
-    n = _divisor(n_tokens, labels)
+    n = pk.num_response_tokens(labels).clamp(min=1) if n_tokens is None else n_tokens
     w = torch.ones(B, dtype=dtype, device=hidden.device) if weights is None else weights.detach().to(dtype)
     coef = torch.stack([-torch.ones_like(p_lp[:, 0]), alpha * w[idx // (T - 1)]], -1) / n  # d Eq. 11 / d (lp, KL)
     s, out = _FusedHead.apply(h, weight, coef, _student_cols, chunk_size, y, ids, p_lp)

@@ -1,6 +1,7 @@
 """Proxy-KD losses: Chen et al. 2024, "Knowledge Distillation of Black-Box Large Language Models"
 (arXiv 2401.07013), Sections 3.2-3.4, Eq. 1-11 in equation order, as pure tensor functions. The
-training loops run the chunked / fused heads of fast.py, each tested equal to its reference here.
+training scripts run these on the full logits with `--loss reference`; by default they run fast.py's
+fused heads, which give the same numbers without (B, T, V) logits and are tested equal to these.
 
 Notation (the paper's): pi_t the black-box teacher, pi_p the proxy, pi_s the student, x the prompt,
 y the teacher's response (DPO "chosen"), y_hat the proxy's own sample (DPO "rejected"), beta the DPO
@@ -191,10 +192,9 @@ def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logps: Tensor, mask: 
     student_logits (B, T, V) (position t predicts labels[:, t+1]); topk_ids (B, T-1, k) int; topk_logps
     (B, T-1, k) log pi_p normalised over the FULL vocabulary (fp16/bf16 ok; constants); mask (B, T-1)
     bool, normally response_mask(labels) -> (B,) KL_i summed over masked-in positions.
-    Only k entries of pi_p are known, so both distributions are coarsened to k + 1 buckets: the k cached
-    tokens plus one tail holding the rest. The result is >= 0, the exact full-vocabulary KL when k = V,
-    and (data processing inequality) at most that KL when k < V. Masked positions contribute nothing,
-    whatever they hold.
+    Only k entries of pi_p are known, so both distributions are coarsened to k + 1 buckets (bucket_kl):
+    the k cached tokens plus one tail holding the rest. Masked positions contribute nothing, whatever
+    they hold.
     """
     logits = student_logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -204,10 +204,24 @@ def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logps: Tensor, mask: 
     p_lp = topk_logps.detach().to(logits.dtype).masked_fill(pad, 0.0)
     lse = logits.logsumexp(-1)
     log_q_k = logits.gather(-1, ids) - lse.unsqueeze(-1)  # log pi_s on the k cached ids
+    log_q_tail = None
     if ids.shape[-1] < logits.shape[-1]:
         # pi_s's tail by masking the k ids, not log(1 - sum_k q_k): exact even when pi_s puts all but
         # 1e-9 of its mass on them
         log_q_tail = logits.scatter(-1, ids, float("-inf")).logsumexp(-1) - lse
+    return bucket_kl(log_q_k, log_q_tail, p_lp).masked_fill(~mask, 0.0).sum(-1)
+
+
+def bucket_kl(log_q_k: Tensor, log_q_tail: Tensor | None, p_lp: Tensor) -> Tensor:
+    """Eq. 8 at each position on k + 1 buckets: KL(pi_p || pi_s) of the two distributions coarsened to the k
+    cached tokens and one tail bucket holding everything else (topk_kl, and fast.py's fused head).
+
+    log_q_k (..., k) log pi_s on the cached ids, log_q_tail (...) log pi_s of the tail (None when k = V:
+    no tail), p_lp (..., k) log pi_p on the cached ids, normalised over the full vocabulary -> (...) KL.
+    The result is >= 0, the exact full-vocabulary KL when k = V, and (data processing inequality) at
+    most that KL when k < V.
+    """
+    if log_q_tail is not None:
         lse_p = p_lp.logsumexp(-1)
         # fp16 rounding can push sum_k p_k slightly above 1: renormalise only then (tail = 0), so the
         # coarse pi_p is always a proper distribution
@@ -219,7 +233,7 @@ def topk_kl(student_logits: Tensor, topk_ids: Tensor, topk_logps: Tensor, mask: 
         p_k = p_lp.log_softmax(-1).exp()
         kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1)
     # the true value is >= 0; at pi_s ~= pi_p rounding leaves ~-1e-16, where the gradient is ~0 anyway
-    return kl.clamp(min=0).masked_fill(~mask, 0.0).sum(-1)
+    return kl.clamp(min=0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def test_student_caches_on_cuda_and_standardises_over_d_s(world, proxy_run):
     ok(cuda_launch(["--base", world["student"], "--proxy", os.path.join(proxy_run, "final"), *world["common"],
                     "--out", out], script="train_student.py"))
     with open(os.path.join(out, "cache", "meta.json")) as f:
-        from plumbing import ProxyCache
+        from topk_cache import ProxyCache
         cache = ProxyCache(os.path.join(out, "cache"), json.load(f))
     d_s = data.split_indices(80, 0)["student"]
     assert set(cache.where) == set(d_s)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fast
-import plumbing
 import proxykd as pk
+import topk_cache
 from test_losses import (
     F64,
     _student_setup,
@@ -20,38 +20,13 @@ from test_losses import (
 )
 
 
-@pytest.mark.parametrize("head", ["chunked", "fused"])
-def test_masked_positions_contribute_nothing(head):
-    f = fast.student_loss_chunked if head == "chunked" else fast.student_loss_fused
-    check_masked_positions_contribute_nothing(lambda *args: f(*args, chunk_size=5))
+def test_masked_positions_contribute_nothing():
+    check_masked_positions_contribute_nothing(lambda *args: fast.student_loss_fused(*args, chunk_size=5))
 
 
-@pytest.mark.parametrize("head", ["chunked", "fused"])
-def test_gradient_accumulation_equals_big_batch(head):
-    # fused: W is trainable, so its gradient takes the recompute path
-    f = fast.student_loss_chunked if head == "chunked" else fast.student_loss_fused
-    check_gradient_accumulation_equals_big_batch(lambda *args: f(*args, chunk_size=4))
-
-
-def test_chunked_equals_reference_values_and_grads():
-    _, labels, hidden, W, ids, lps, weights = _student_setup(13)
-
-    def grads(f):
-        out = f()
-        return (out,) + torch.autograd.grad(out, (hidden, W))
-
-    for chunk in (1, 5, 7, 1000):  # 1000 > B*(T-1): a single chunk
-        pairs = [
-            (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
-             lambda: fast.token_logps_chunked(hidden, W, labels, chunk).pow(2).sum()),
-            (lambda: pk.sequence_logps(hidden @ W.T, labels).sum(),
-             lambda: fast.sequence_logps_chunked(hidden, W, labels, chunk).sum()),
-            (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss,
-             lambda: fast.student_loss_chunked(hidden, W, labels, ids, lps, weights, chunk_size=chunk).loss),
-        ]
-        for ref_f, chk_f in pairs:
-            for a, b in zip(grads(ref_f), grads(chk_f)):
-                torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+def test_gradient_accumulation_equals_big_batch():
+    # W is trainable, so its gradient takes the recompute path
+    check_gradient_accumulation_equals_big_batch(lambda *args: fast.student_loss_fused(*args, chunk_size=4))
 
 
 @pytest.mark.parametrize("k", [1, 5, 15])  # 15 = V
@@ -136,6 +111,8 @@ def test_fused_equals_reference_values_and_grads(trainable_w, k):
         pairs = [
             (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
              lambda: fast.token_logps_fused(hidden, W, labels, chunk).pow(2).sum()),
+            (lambda: pk.nll_loss(hidden @ W.T, labels, 7.0), lambda: fast.nll_loss_fused(hidden, W, labels, 7.0, chunk)),
+            (lambda: pk.nll_loss(hidden @ W.T, labels), lambda: fast.nll_loss_fused(hidden, W, labels, chunk_size=chunk)),
             (lambda: dpo(pk.sequence_logps(hidden @ W.T, labels)),
              lambda: dpo(fast.sequence_logps_fused(hidden, W, labels, chunk))),
             (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights, alpha=3.0, n_tokens=11.0).loss,
@@ -200,19 +177,7 @@ def test_fused_bf16_matmuls_fp32_losses():
     torch.testing.assert_close(grad.double(), ref, rtol=0, atol=0.05 * ref.abs().max().item())
 
 
-def test_chunked_bf16_inputs_are_upcast():
-    g = torch.Generator().manual_seed(14)
-    B, T, V, D = 2, 6, 50, 16
-    h = torch.randn(B, T, D, generator=g).bfloat16()
-    W = torch.randn(V, D, generator=g).bfloat16()
-    labels = make_labels(g, [(1, 6), (2, 5)], T, V)
-    out = fast.sequence_logps_chunked(h, W, labels, chunk_size=3)
-    assert out.dtype == torch.float32
-    ref = pk.sequence_logps(h.double() @ W.double().T, labels)
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4)  # bf16 logits would be ~1e-1 off
-
-
-def test_chunked_keeps_no_vocab_sized_tensor_for_backward():
+def test_fused_keeps_no_vocab_sized_tensor_for_backward():
     _, labels, hidden, W, ids, lps, weights = _student_setup(15, V=40, k=3)
     V = W.shape[0]
 
@@ -226,12 +191,8 @@ def test_chunked_keeps_no_vocab_sized_tensor_for_backward():
         return [tuple(r().shape) for r in saved if r() is not None]
 
     unchunked = saved_shapes(lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss)
-    chunked = saved_shapes(
-        lambda: fast.student_loss_chunked(hidden, W, labels, ids, lps, weights, chunk_size=4).loss
-    )
     fused = saved_shapes(lambda: fast.student_loss_fused(hidden, W.detach(), labels, ids, lps, weights, chunk_size=4).loss)
     assert any(s and s[-1] == V for s in unchunked)  # the probe sees full logits when they are kept
-    assert chunked and not any(s and s[-1] == V for s in chunked)
     assert fused and not any(s and s[-1] == V for s in fused)
 
 
@@ -242,13 +203,13 @@ def test_proxy_cache_roundtrip_and_self_distillation():
     W = torch.randn(V, D, generator=g)
     labels = make_labels(g, [(2, 9), (4, 8), (1, 5)], T, V)
     ids, lps, seq = fast.topk_logps_chunked(h, W, labels, k)
-    rows = plumbing.topk_rows(ids, lps.half(), labels)  # what a cache file stores
+    rows = topk_cache.topk_rows(ids, lps.half(), labels)  # what a cache file stores
     assert [r[0].shape[0] for r in rows] == pk.response_mask(labels).sum(1).tolist()
-    ids2, lps2 = plumbing.pad_topk(rows, labels)
+    ids2, lps2 = topk_cache.pad_topk(rows, labels)
     mask = pk.response_mask(labels)
     assert torch.equal(ids2[mask], ids[mask]) and torch.equal(lps2[mask], lps.half()[mask])
     # a student identical to the proxy: KL ~ 0 up to the fp16 rounding of the cache
     kl = pk.topk_kl(h @ W.T, ids2, lps2, mask)
     assert (kl >= 0).all() and (kl < 1e-3).all()
     with pytest.raises(ValueError):
-        plumbing.pad_topk(rows, make_labels(g, [(1, 9), (4, 8), (1, 5)], T, V))
+        topk_cache.pad_topk(rows, make_labels(g, [(1, 9), (4, 8), (1, 5)], T, V))

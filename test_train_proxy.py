@@ -379,14 +379,13 @@ def test_nll_reduction_token_is_per_token_mean(world, run_ws1):
     """--nll_reduction sequence (the default; Eq. 3 as printed: sum over a reply's tokens, mean over
     replies) vs token (sum over tokens / tokens): at the same first step, the per-reply NLL of run_ws1
     is the per-token NLL times the batch's mean reply length."""
-    import plumbing
     import train_proxy as tp
 
     out = str(world["dir"] / "per_token")
     ok(launch(world["common"] + EXACT + ["--batch_size", "4", "--rounds", "0", "--nll_reduction", "token",
                                           "--activation_checkpointing", "--out", out], nproc=0))
     cfg = tp.Config(batch_size=4, seed=0)
-    first = plumbing.plan_steps(data.split_indices(80, 0)["warmup"], cfg, 0, 1, range(1))[0][0]
+    first = data.plan_steps(data.split_indices(80, 0)["warmup"], cfg, 0, 1, range(1))[0][0]
     tok = data.Tokenizer(world["tok"])
     examples = data.read_jsonl(world["data"])
     n_resp = sum(sum(y != -100 for y in data.encode_example(tok, examples[i], MAX_LEN)["labels"]) for i in first)

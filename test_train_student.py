@@ -20,11 +20,13 @@ from safetensors.torch import load_file
 
 import data
 import lora
-import plumbing
+import provenance
 import proxykd as pk
 import test_train_proxy
+import topk_cache
 import train_student as ts
 from model import Llama, ModelArgs
+from run import Run
 from scripts import demo_world
 from test_train_proxy import metrics, ok, steps_of
 
@@ -39,9 +41,9 @@ def adapter(out: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
-def open_cache(cache_dir: str) -> plumbing.ProxyCache:
+def open_cache(cache_dir: str) -> topk_cache.ProxyCache:
     with open(os.path.join(cache_dir, "meta.json")) as f:
-        return plumbing.ProxyCache(cache_dir, json.load(f))
+        return topk_cache.ProxyCache(cache_dir, json.load(f))
 
 
 def save_model(path: str, vocab: int, seed: int, tok_path: str | None = None) -> str:
@@ -104,7 +106,7 @@ def fresh_proxy_rows(proxy: Llama, enc: dict) -> tuple[torch.Tensor, torch.Tenso
     return lp, y, lp.gather(-1, y[:, None]).sum().item()
 
 
-def assert_rows_are_proxy_topk(world: dict, cache: plumbing.ProxyCache, ids: list[int]) -> None:
+def assert_rows_are_proxy_topk(world: dict, cache: topk_cache.ProxyCache, ids: list[int]) -> None:
     """Each cached row holds proxy A's k most likely tokens with their full-vocabulary log-probs (within
     fp16 rounding), in descending order. Tie-robust: the fresh log-probs of the cached ids, in cache
     order, are the sorted top-k values."""
@@ -166,7 +168,7 @@ def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
     partial = str(world["dir"] / "partial_cache")
     shutil.copytree(os.path.join(run_kd, "cache"), partial)
     os.remove(os.path.join(partial, "COMPLETE"))
-    parts = plumbing.part_files(partial)
+    parts = topk_cache.part_files(partial)
     lost = parts[1]
     with safe_open(lost, framework="pt") as f:
         lost_ids = f.get_tensor("example_ids").tolist()
@@ -174,7 +176,7 @@ def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
     crashed = os.path.join(partial, ".tmp-000000000-1.tmp")
     with open(crashed, "wb") as f:
         f.write(b"half a part")
-    with pytest.raises(plumbing.CacheError, match="incomplete"):
+    with pytest.raises(topk_cache.CacheError, match="incomplete"):
         open_cache(partial)
     kept = {p: os.stat(p).st_mtime_ns for p in parts if p != lost}
 
@@ -204,7 +206,7 @@ def test_weights_standardise_over_all_of_d_s(world, run_kd):
 
 def _moments_worker(rank: int, world: int, path: str, shards, q) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    mu, gamma = plumbing.reduce_mean_std(shards[rank])
+    mu, gamma = ts.mean_std_over_ranks(shards[rank])
     q.put((rank, float(mu), float(gamma), pk.sample_weights(shards[rank], mu, gamma).tolist()))
     dist.destroy_process_group()
 
@@ -264,14 +266,14 @@ def test_student_trains_only_lora(world, run_kd):
             assert torch.equal(merged[name], w), name
 
 
-def eq11_of_first_step(world: dict, cache: plumbing.ProxyCache, train_ids: list[int]) -> tuple[float, float, float]:
+def eq11_of_first_step(world: dict, cache: topk_cache.ProxyCache, train_ids: list[int]) -> tuple[float, float, float]:
     """Brute force: (loss, nll, wkl) of a 2-rank run's first step over train_ids at the initial student
     (LoRA B = 0: the bf16 base), from full fp32 logits over BOTH ranks' micro-batches divided by their
     total token count, with the cache's rows, and Eq. 9 weights standardised over ALL of D_s."""
     s = torch.tensor([cache.seq[i] for i in world["d_s"]], dtype=torch.float64)
     w_of = dict(zip(world["d_s"], torch.sigmoid((s - s.mean()) / s.std(unbiased=False)).tolist()))
     cfg = ts.Config(batch_size=2, grad_accum=1, seed=SEED)
-    micro = [m for r in range(2) for m in plumbing.plan_steps(train_ids, cfg, r, 2, range(1))[0]]
+    micro = [m for r in range(2) for m in data.plan_steps(train_ids, cfg, r, 2, range(1))[0]]
     examples = data.read_jsonl(world["data"])
     tok = world["tok"]
     batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id) for m in micro]
@@ -282,7 +284,7 @@ def eq11_of_first_step(world: dict, cache: plumbing.ProxyCache, train_ids: list[
         for m, b in zip(micro, batches):
             h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
             logits = (h @ w.T).float()  # (B, T, V): bf16 matmul, fp32 loss, as the fused head computes it
-            top_ids, top_lps = plumbing.pad_topk(cache.rows(m), b["labels"])
+            top_ids, top_lps = topk_cache.pad_topk(cache.rows(m), b["labels"])
             out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
     return loss, nll, wkl
@@ -376,18 +378,18 @@ def test_student_step_gradient_is_one_big_batch(world, run_kd):
 
         # brute force: one batch, full logits, the non-chunked losses
         batch = data.collate([encoded[i] for i in ids], tok.pad_id)
-        top_ids, top_lps = plumbing.pad_topk(cache.rows(ids), batch["labels"])
+        top_ids, top_lps = topk_cache.pad_topk(cache.rows(ids), batch["labels"])
         w = torch.tensor([weights[i] for i in ids])
         ref = pk.student_loss(model(batch["input_ids"]), batch["labels"], top_ids, top_lps, w, 100.0)
         grads = torch.autograd.grad(ref.loss, list(params.values()))
 
         opt = torch.optim.SGD(list(params.values()), lr=1.0)
-        micro = [plumbing.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
-        sums = ts.student_step(model, opt, micro, cache, weights, 1, cfg, "cpu")
+        micro = [data.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
+        out = ts.student_step(Run(cfg, model=model, optimizer=opt), micro, cache, weights)
         for (n, p), g in zip(params.items(), grads):
             torch.testing.assert_close(start[n] - p.detach(), g, rtol=1e-4, atol=1e-6)
-        assert sums[0].item() == pytest.approx(ref.loss.item(), rel=1e-5)
-        assert sums[2].item() == pytest.approx(ref.wkl.item(), rel=1e-5)
+        assert out.loss == pytest.approx(ref.loss.item(), rel=1e-5)
+        assert out.wkl == pytest.approx(ref.wkl.item(), rel=1e-5)
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -440,23 +442,23 @@ def test_provenance_guards_d_s(world, tmp_path):
     shutil.copytree(world["proxy_a"], proxy)
     n = len(data.read_jsonl(world["data"]))
     cfg = ts.Config(data=world["data"], proxy=proxy, split_seed=SEED)
-    assert plumbing.check_provenance(cfg, n, world["tok"])[0] is None
-    assert "-align" in plumbing.check_provenance(cfg, n, world["tok"])[1]
+    assert provenance.check_provenance(cfg, n, world["tok"])[0] is None
+    assert "-align" in provenance.check_provenance(cfg, n, world["tok"])[1]
 
     def write(**kw):
-        with open(os.path.join(proxy, plumbing.PROVENANCE), "w") as f:
-            json.dump(plumbing.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
+        with open(os.path.join(proxy, provenance.PROVENANCE), "w") as f:
+            json.dump(provenance.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
                                             "tok": world["tok"], **kw}), f)
 
     write()
-    assert plumbing.check_provenance(cfg, n, world["tok"]) == (None, None)
+    assert provenance.check_provenance(cfg, n, world["tok"]) == (None, None)
     write(split_seed=SEED + 7)
-    problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
+    problem, _ = provenance.check_provenance(cfg, n, world["tok"])
     assert "split_seed: proxy 7, this run 0" in problem and "data_sha256" not in problem
     other = str(tmp_path / "other.jsonl")
     demo_world.write_demo_jsonl(other, n + 10, seed=5)
     write(data_path=other, n_examples=n + 10)
-    problem, _ = plumbing.check_provenance(cfg, n, world["tok"])
+    problem, _ = provenance.check_provenance(cfg, n, world["tok"])
     assert "data_sha256" in problem and "split_sizes" in problem
 
     # end to end: one line on stderr, exit 2, before any proxy forward

@@ -3,7 +3,7 @@
     python scripts/benchmark.py                   # tiny + mid configs; CPU here, CUDA when present
     python scripts/benchmark.py --configs tiny    # quick look
 
-Every number comes from the training scripts' own functions on a one-rank model (plumbing.shard_model,
+Every number comes from the training scripts' own functions on a one-rank model (sharding.shard_model,
 which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every linear), random weights and tokens:
   proxy step    train_proxy.train_step in stage 2: one forward / backward over [y; y_hat] (2B sequences)
                 for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
@@ -13,7 +13,7 @@ which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every line
   cache         train_student.build_cache writing real part files: bytes per cached response token.
   ref. pass     the round's reference-pass decode at --prepass_world ranks (a torchrun launch of this script):
                 new tokens/s per rank of the gathered sampler (whole model per rank, each rank decodes its
-                own B prompts) and of the tensor-parallel one (parallel.tensor_parallel_copy: all ranks
+                own B prompts) and of the tensor-parallel one (tensor_parallel.tensor_parallel_copy: all ranks
                 decode all world x B prompts together), and their ratio, in the same run.
 Peak memory: on CUDA torch.cuda.max_memory_allocated per phase; on CPU the process's peak resident set
 (VmHWM, reset before each phase through /proc/self/clear_refs), which includes Python and torch itself.
@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -64,11 +65,14 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import lora  # noqa: E402
-import parallel  # noqa: E402
-import plumbing  # noqa: E402
+import ranks  # noqa: E402
+import sharding  # noqa: E402
+import tensor_parallel  # noqa: E402
+import topk_cache  # noqa: E402
 import train_proxy as tp  # noqa: E402
 import train_student as ts  # noqa: E402
 from model import Llama, ModelArgs, gathered, generate  # noqa: E402
+from run import Run  # noqa: E402
 
 CONFIGS = {
     # the demo's proxy shape (scripts/demo.py)
@@ -161,13 +165,13 @@ def lora_model(args: ModelArgs, dtype, device, base: Llama | None = None):
     model = Llama(args).to(dtype) if base is None else base
     lora.apply_lora(model, r=8, alpha=16)
     model.lora_config = dict(r=8, alpha=16, dropout=0.0, base="benchmark")
-    model = plumbing.shard_model(model)
+    model = sharding.shard_model(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return model, opt
 
 
 def batch(B: int, T: int, prompt: int, vocab: int, device, n: int | None = None) -> dict:
-    """plumbing.make_batch's fields for B random sequences of T tokens, the first `prompt` masked; n: the
+    """data.make_batch's fields for B random sequences of T tokens, the first `prompt` masked; n: the
     rows whose response tokens the step's divisor counts (the chosen half of a stage-2 batch)."""
     ids = torch.randint(4, vocab, (B, T))
     labels = ids.clone()
@@ -205,7 +209,7 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     pb["ref_chosen"] = torch.zeros(B, device=device)
     pb["ref_rejected"] = torch.zeros(B, device=device)
     peak.reset()
-    dt = timed(lambda: tp.train_step(model, opt, [pb], 1, cfg, device), a.steps, device)
+    dt = timed(lambda: tp.train_step(Run(cfg, device=device, model=model, optimizer=opt), [pb]), a.steps, device)
     row.update(proxy_tok_s=2 * B * T / dt, proxy_peak_gib=peak.gib())
     train_flops = 4 * n_flop + 12 * args.n_layers * T * args.dim
     row["proxy_mfu"] = train_flops * 2 * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
@@ -216,7 +220,7 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     cache = RandomCache(T - P, args.vocab_size)  # response positions: labels[:, P:]
     weights = {i: 0.5 for i in range(B)}
     peak.reset()
-    dt = timed(lambda: ts.student_step(model, opt, [sb], cache, weights, 1, scfg, device), a.steps, device)
+    dt = timed(lambda: ts.student_step(Run(scfg, device=device, model=model, optimizer=opt), [sb], cache, weights), a.steps, device)
     row.update(student_tok_s=B * T / dt, student_peak_gib=peak.gib())
     row["student_mfu"] = train_flops * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
 
@@ -236,7 +240,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
         encoded = {i: {"input_ids": r[: T - (i % 4) * 8], "labels": [-100] * P + r[P : T - (i % 4) * 8]}
                    for i, r in enumerate(torch.randint(4, args.vocab_size, (4 * B, T)).tolist())}
         model.eval()
-        n_tok = ts.build_cache(ccfg, model, encoded, list(encoded), "benchmark", 0, 0, 1, device)
+        n_tok = ts.build_cache(Run(ccfg, device=device, tok=types.SimpleNamespace(pad_id=0), encoded=encoded), model,
+                               list(encoded), "benchmark")
         model.train()
         size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
         row["cache_bytes_per_token"] = size / n_tok
@@ -266,10 +271,10 @@ def bench_prepass(name: str, dtype: torch.dtype, device, a) -> dict:
     dt_g = timed(gathered_pass, max(1, a.steps - 1), device)
     sync(device)
     t0 = time.perf_counter()
-    tp_model = parallel.tensor_parallel_copy(model)
+    tp_model = tensor_parallel.tensor_parallel_copy(model)
     sync(device)  # the copy's kernels run asynchronously on a GPU
     build = time.perf_counter() - t0
-    dt_t = timed(lambda: parallel.tp_generate(tp_model, prompts, world * B, new, -1, 0, generator=gen),
+    dt_t = timed(lambda: tensor_parallel.tp_generate(tp_model, prompts, world * B, new, -1, 0, generator=gen),
                  max(1, a.steps - 1), device)
     # per-rank rates, averaged over ranks
     r = torch.tensor([B * new / dt_g, B * new / dt_t, build], dtype=torch.float64, device=device)
@@ -336,9 +341,10 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     sb = batch(B, T, P, args.vocab_size, device)
     cache = RandomCache(T - P, args.vocab_size)
     weights = {i: 0.5 for i in range(B)}
-    top_ids, top_lps = plumbing.pad_topk(cache.rows(sb["ids"]), sb["labels"])
+    top_ids, top_lps = topk_cache.pad_topk(cache.rows(sb["ids"]), sb["labels"])
     w = torch.full((B,), 0.5, device=device)
     cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
+    run, srun = Run(cfg, device=device, model=ours, optimizer=o_opt), Run(scfg, device=device, model=ours, optimizer=o_opt)
     prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
     gen_cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
                                min_new_tokens=new, pad_token_id=0, eos_token_id=None)
@@ -364,11 +370,11 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
         model.train()
 
     steps = {  # name: (tokens per call, ours, theirs)
-        "stage-1 NLL step": (B * T, lambda: tp.train_step(ours, o_opt, [b1], 1, cfg, device),
+        "stage-1 NLL step": (B * T, lambda: tp.train_step(run, [b1]),
                              lambda: hf_step(theirs, t_opt, lambda m: m(input_ids=b1["input_ids"], labels=b1["labels"]).loss)),
-        "stage-2 NLL+DPO step": (2 * B * T, lambda: tp.train_step(ours, o_opt, [b2], 1, cfg, device),
+        "stage-2 NLL+DPO step": (2 * B * T, lambda: tp.train_step(run, [b2]),
                                  lambda: hf_step(theirs, t_opt, their_dpo)),
-        "student NLL+KL step": (B * T, lambda: ts.student_step(ours, o_opt, [sb], cache, weights, 1, scfg, device),
+        "student NLL+KL step": (B * T, lambda: ts.student_step(srun, [sb], cache, weights),
                                 lambda: hf_step(theirs, t_opt, their_student)),
         "sampling": (B * new, lambda: decode(True), lambda: decode(False)),
     }
@@ -439,18 +445,18 @@ def table(rows: list[dict], header: str) -> str:
 def main(argv=None) -> None:
     a = parse_args(argv)
     if a.prepass_only:  # one rank of the torchrun launch in prepass()
-        _, _, device = plumbing.init_distributed()
+        _, _, device = ranks.init_distributed()
         rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",") for dt in a.dtypes.split(",")]
         if int(os.environ.get("RANK", 0)) == 0:
             with open(a.out, "w") as f:
                 json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
-        plumbing.finish(0)
+        ranks.finish(0)
     cuda = os.environ.get("PROXYKD_DEVICE", "auto") != "cpu" and torch.cuda.is_available()
     dtypes = a.dtypes or ("bfloat16" if cuda else "float32,bfloat16")
     # the multi-rank reference-pass decode first: this process takes no GPU (context, process group) until it is done
     world = 0 if a.compare_hf else a.prepass_world if not cuda else min(a.prepass_world, torch.cuda.device_count())
     pre = prepass(a, dtypes, world, cuda) if world > 1 else []
-    _, _, device = plumbing.init_distributed()
+    _, _, device = ranks.init_distributed()
     if device.type == "cuda" and not a.peak_tflops:
         gpu = torch.cuda.get_device_name()
         a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
@@ -480,7 +486,7 @@ def main(argv=None) -> None:
         f.write(md + "\n")
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
         json.dump({"machine": machine(device), "rows": rows, "prepass": pre}, f, indent=1)
-    plumbing.finish(0)
+    ranks.finish(0)
 
 
 def prepass(a, dtypes: str, world: int, cuda: bool) -> list[dict]:

@@ -68,7 +68,7 @@ if os.path.join(ROOT, "scripts") not in sys.path:  # demo_world, also when this 
 # the CPU's widest ISA, and MKL its GEMM code path by ISA and vendor; each choice rounds differently and
 # training amplifies the difference (RESULTS.md, "Which numbers hold on another CPU": AVX-512 and AVX2
 # kernels gave different weights after 30 steps on the same machine). Pinning both to AVX2 removes that
-# source. The demo is a CPU pipeline, GPUs or not (PROXYKD_DEVICE: plumbing.init_distributed).
+# source. The demo is a CPU pipeline, GPUs or not (PROXYKD_DEVICE: ranks.init_distributed).
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 os.environ.setdefault("MKL_CBWR", "AVX2")
 os.environ.setdefault("PROXYKD_DEVICE", "cpu")
@@ -81,7 +81,8 @@ import data  # noqa: E402
 import demo_world  # noqa: E402
 import proxykd as pk  # noqa: E402
 from model import Llama, ModelArgs, generate  # noqa: E402
-from plumbing import eval_batches, evaluate, finish, init_distributed  # noqa: E402
+from ranks import finish, init_distributed  # noqa: E402
+from run import eval_batches, evaluate  # noqa: E402
 
 # the demo's two base sizes (vocab_size is set from the tokenizer)
 PROXY = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, max_seq_len=256)

@@ -1,226 +1,19 @@
-"""What makes a 70B proxy fit 8 x 80 GB: tensor-parallel sampling for the round's reference pass, per-rank
-streaming loads and exports of safetensors checkpoints, and the memory plan that says which sampler
-a run can afford before any weight is loaded.
-
-Tensor parallelism (Megatron, Shoeybi et al. 2019; gpt-fast's tp.py is the model of size): every rank
-holds a plain Llama of 1/world the width. q/k/v and gate/up keep 1/world of their output rows (whole
-heads), o_proj and down_proj 1/world of their input columns, so a block needs one all_reduce after
-attention and one after the MLP, and each rank's KV cache holds only its own heads. Embeddings, final
-norm and lm_head are replicated (1 GB at 70B), so the logits are whole on every rank.
-
-train_proxy.py, train_student.py and plumbing.py (process group, FSDP2 sharding, checkpoints) import this module.
+"""The per-GPU memory plan: what each phase of a run holds on every GPU, from config.json and the flags
+alone, before any weight is loaded. `--plan` prints it; `train_proxy.py --sampler auto` picks the sampler
+that fits it; the tests hold its activation count to what autograd saves.
 """
+
 import dataclasses
 import math
 import os
-from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import fast
-from model import Llama, ModelArgs, commit_shards, generate, read_hf_config, shard_file_names, weight_files
+import ranks
+from model import ModelArgs
+from tensor_parallel import tp_args, tp_supported
 
-# linears split by output rows (heads / SwiGLU units) and by input columns; see the module docstring
-ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-COL_SPLIT = ("o_proj", "down_proj")
-
-
-# ---------------------------------------------------------------------------------------------------
-# tensor-parallel decoding
-
-
-def tp_supported(args: ModelArgs, world: int) -> bool:
-    """Whole heads and SwiGLU units per rank: kv heads, query heads and hidden_dim divide by world."""
-    return args.n_kv_heads % world == 0 and args.n_heads % world == 0 and args.hidden_dim % world == 0
-
-
-def tp_args(args: ModelArgs, world: int) -> ModelArgs:
-    """The shape of one rank's slice: the same dim, vocab and head_dim, 1/world of the heads and of the
-    SwiGLU width. GQA grouping is kept: local query head j reads local kv head j // (H / G)."""
-    if not tp_supported(args, world):
-        raise ValueError(f"tensor-parallel decoding needs n_kv_heads={args.n_kv_heads}, n_heads={args.n_heads} "
-                         f"and hidden_dim={args.hidden_dim} divisible by the world size {world}")
-    return dataclasses.replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
-                               hidden_dim=args.hidden_dim // world, head_dim=args.head_dim)
-
-
-def _merged_slice(linear: nn.Module, name: str, rank: int, world: int) -> torch.Tensor:
-    """This rank's slice of an unsharded linear's weight with its LoRA merged, in the weight's dtype:
-    W + (alpha / r) B A computed in fp32 and rounded once, as lora.LoRALinear.merge does."""
-    w = linear.weight
-    rows = name in ROW_SPLIT
-    n = w.shape[0] if rows else w.shape[1]
-    s = slice(rank * n // world, (rank + 1) * n // world)
-    w_s = w[s] if rows else w[:, s]
-    if not hasattr(linear, "lora_A"):
-        return w_s.detach().clone()
-    a, b = linear.lora_A, linear.lora_B
-    delta = b[s] @ a if rows else b @ a[:, s]  # (B A)[s, :] or (B A)[:, s]
-    return (w_s.float() + linear.scaling * delta).to(w.dtype)
-
-
-def _all_reduce_output(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(output)  # sum the per-rank partial products of a column-split linear
-    return output
-
-
-@contextmanager
-def _unsharded(unit: nn.Module):
-    """One FSDP2 unit's own parameters whole inside the block (collective), resharded on exit; a plain
-    module (at one rank shard_model leaves the model unsharded) as it is."""
-    fsdp = hasattr(unit, "unshard")
-    if fsdp:
-        unit.unshard()
-    try:
-        yield
-    finally:
-        if fsdp:
-            unit.reshard()
-
-
-@torch.no_grad()
-def tensor_parallel_copy(model: Llama) -> Llama:
-    """Collective. The FSDP2-sharded (LoRA) model `model` -> this rank's tensor-parallel Llama for
-    decoding, LoRA merged into its slices (the current weights: the round's reference policy).
-
-    Built one FSDP unit at a time (unshard, slice, reshard), so a rank holds its slices plus at most one
-    whole block, never the whole model. The copy is a plain Llama whose o_proj / down_proj outputs are
-    all_reduced by forward hooks: every forward is a collective, so every rank must decode the same rows
-    (tp_generate). model.generate works on it unchanged.
-    """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = next(model.parameters()).device
-    with torch.device("meta"):
-        tp = Llama(tp_args(model.args, world))
-    sd = {}
-    with _unsharded(model):  # the root unit: embeddings, final norm, lm_head (replicated)
-        sd["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
-        sd["model.norm.weight"] = model.model.norm.weight.detach().clone()
-        sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    for i, block in enumerate(model.model.layers):
-        with _unsharded(block):
-            for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                               ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-                for name in names:
-                    sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
-    tp.load_state_dict(sd, assign=True)
-    if tp.args.tie_word_embeddings:
-        tp.lm_head.weight = tp.model.embed_tokens.weight
-    for block in tp.model.layers:
-        block.self_attn.o_proj.register_forward_hook(_all_reduce_output)
-        block.mlp.down_proj.register_forward_hook(_all_reduce_output)
-    return tp.to(device).eval().requires_grad_(False)
-
-
-def tp_generate(tp: Llama, prompts: list[list[int]], gen_batch_size: int, max_new_tokens: int, eos_id: int,
-                pad_id: int, **sampling) -> list[list[int]]:
-    """Collective. Decode every rank's prompts on the tensor-parallel copy, gen_batch_size rows per batch
-    (all ranks decode the same rows together), and return this rank's own rows, in order. `sampling`
-    goes to model.generate; a generator must be in the same state on every rank. The rows of rank 0's
-    decode are taken by everyone, so a rank can never act on tokens another rank did not see."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    everyone = [None] * world
-    dist.all_gather_object(everyone, prompts)
-    flat = [p for ps in everyone for p in ps]
-    out = []
-    for i in range(0, len(flat), gen_batch_size):
-        # all_ranks_done: the ranks share one decode, so they must stop at the same step
-        out += generate(tp, flat[i : i + gen_batch_size], max_new_tokens, eos_id, pad_id, all_ranks_done=True, **sampling)
-    box = [out]
-    dist.broadcast_object_list(box, src=0)
-    start = sum(len(ps) for ps in everyone[:rank])
-    return box[0][start : start + len(prompts)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# per-rank streaming of safetensors checkpoints
-
-
-def shard_rows(n: int, rank: int, world: int) -> slice:
-    """Rows of dim 0 that FSDP2's Shard(0) gives `rank`: torch.chunk's split, ceil(n / world) per rank,
-    the last ranks shorter or empty."""
-    c = -(-n // world)
-    return slice(min(rank * c, n), min((rank + 1) * c, n))
-
-
-@torch.no_grad()
-def load_fsdp_shards(model: nn.Module, ckpt_dir: str, host: dict[str, torch.Tensor]) -> None:
-    """Fill an FSDP2-sharded model materialised with to_empty: each rank reads only its own rows of each
-    tensor straight from ckpt_dir's safetensors files (safe_open get_slice), cast to the parameter's
-    dtype; no rank ever reads a whole checkpoint. Parameters named in `host` (e.g. a fresh LoRA
-    adapter, built whole on every rank) are sliced from there instead. A checkpoint that misses a
-    parameter or holds an unknown tensor is refused, as Llama.from_pretrained refuses it."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    files = {k: f for k, f in weight_files(ckpt_dir).items() if not k.endswith("rotary_emb.inv_freq")}
-    params = dict(model.named_parameters())  # a tied lm_head is listed once, as embed_tokens
-    tied = getattr(getattr(model, "args", None), "tie_word_embeddings", False)
-    expected = set(params) - set(host)
-    unexpected = set(files) - expected - ({"lm_head.weight"} if tied else set())
-    if expected - set(files) or unexpected:
-        raise ValueError(f"{ckpt_dir}: checkpoint does not match config.json: missing {sorted(expected - set(files))[:8]}, "
-                         f"unexpected {sorted(unexpected)[:8]}")
-    handles = {}  # one open file per safetensors shard; get_slice reads only the requested rows
-    for name, p in params.items():
-        rows = shard_rows(p.shape[0], rank, world)
-        if name in host:
-            src = host[name][rows]
-        else:
-            if files[name] not in handles:
-                handles[files[name]] = safe_open(files[name], framework="pt")
-            src = handles[files[name]].get_slice(name)[rows]
-        # this rank's rows of the DTensor, a view of FSDP2's sharded storage (at one rank: the parameter)
-        local = p.to_local() if hasattr(p, "to_local") else p
-        local.copy_(src.to(local.dtype))
-
-
-@torch.no_grad()
-def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float, out_dir: str, dtype: torch.dtype,
-                max_shard_size: int = 5 * 2**30) -> None:
-    """Write base + (alpha / r) B A in HF format, one tensor at a time: read a base tensor, cast it to
-    `dtype`, merge its adapter (fp32, rounded once: lora.LoRALinear.merge's arithmetic), and add it to
-    the output file being filled. Host memory: one output shard (<= max_shard_size) plus one tensor,
-    never the whole model. Same layout as Llama.save_pretrained (config.json, model.safetensors or
-    shards + index; .tmp files renamed into place, the index / single file last).
-    lora_sd: "X.lora_A" / "X.lora_B" tensors keyed by parameter name (gather_lora_state)."""
-    args = ModelArgs.from_hf_config(read_hf_config(base_dir))
-    files = weight_files(base_dir)
-    names = [k for k in files if not k.endswith("rotary_emb.inv_freq")
-             and not (args.tie_word_embeddings and k == "lm_head.weight")]
-    os.makedirs(out_dir, exist_ok=True)
-    sizes, n_shards, size = [], 1, 0  # a first pass over the headers plans the shards (names need the count)
-    for k in names:
-        with safe_open(files[k], framework="pt") as f:
-            shape = f.get_slice(k).get_shape()
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        if size and size + nbytes > max_shard_size:
-            n_shards, size = n_shards + 1, 0
-        size += nbytes
-        sizes.append(n_shards - 1)
-    shard_names = shard_file_names(n_shards)
-    shard, weight_map, total = {}, {}, 0
-    for j, k in enumerate(names):
-        with safe_open(files[k], framework="pt") as f:
-            w = f.get_tensor(k).to(dtype)
-        base = k[: -len(".weight")]
-        if base + ".lora_A" in lora_sd:
-            w = (w.float() + scaling * (lora_sd[base + ".lora_B"] @ lora_sd[base + ".lora_A"])).to(dtype)
-        shard[k] = w.contiguous()
-        weight_map[k] = shard_names[sizes[j]]
-        total += w.numel() * w.element_size()
-        if j == len(names) - 1 or sizes[j + 1] != sizes[j]:
-            save_file(shard, os.path.join(out_dir, shard_names[sizes[j]] + ".tmp"), metadata={"format": "pt"})
-            shard = {}
-    commit_shards(out_dir, args, dtype, shard_names, weight_map, total)
-
-
-# ---------------------------------------------------------------------------------------------------
-# memory plan: per-GPU bytes of each phase, from config.json and the flags alone
 
 GiB = 2**30
 
@@ -429,3 +222,17 @@ def gpu_budget(gpu_memory_gib: float, device: torch.device | None = None) -> int
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", 0)
     return torch.cuda.get_device_properties(device).total_memory if device is not None and device.type == "cuda" else 0
+
+
+def print_plan(cfg, memory_plan, title: str) -> None:
+    """--plan, before any process group or weight (config.json and the flags only): rank 0 prints
+    memory_plan(cfg, world) for --plan_world_size GPUs (default: this launch's world size); a bad path
+    stops every rank with one line, as the training run itself would."""
+    world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        plan = memory_plan(cfg, world)
+    except (ValueError, OSError, KeyError) as e:
+        ranks.fail(rank, f"bad input: {e}")
+    if rank == 0:
+        print(format_plan(plan, f"{title}, {world} GPUs"))

@@ -1,10 +1,10 @@
-"""parallel.py at world size 2 on CPU (gloo): tensor-parallel greedy decode == single-process generate
+"""tensor_parallel.py, sharding.py and memory_plan.py at world size 2 on CPU (gloo): tensor-parallel greedy decode == single-process generate
 on the same weights with the LoRA merged, token for token; each rank holds 1/world of the block weights
 and of the KV cache; per-rank loading from safetensors gives the checkpoint's values; the memory plan's
 parameter bytes are the bytes FSDP2 allocates; the proxy is freed; the streaming merged export equals
 the in-memory one; train_proxy.py's two samplers give the same run.
 
-The distributed checks run in this file's own worker (`python -m torch.distributed.run ... test_parallel.py
+The distributed checks run in this file's own worker (`python -m torch.distributed.run ... test_tensor_parallel.py
 <checkpoint dir>`), launched by test_train_proxy.launch with a timeout.
 """
 import dataclasses
@@ -19,8 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-import parallel
-from model import KVCache, Llama, ModelArgs, gathered, generate, rope_cos_sin
+import memory_plan
+import ranks
+import sharding
+import tensor_parallel
+from model import KVCache, Llama, ModelArgs, gathered, generate
 from test_train_proxy import EXACT, adapter, launch, metrics, ok, steps_of, world  # noqa: F401 (world: the fixture)
 
 # tiny with an odd vocabulary: FSDP2 pads embed_tokens / lm_head rows, so the plan must count the padding
@@ -41,18 +44,17 @@ def worker(ckpt: str) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    import plumbing
 
-    rank, world, device = plumbing.init_distributed()  # the scripts' own choice of device
+    rank, world, device = ranks.init_distributed()  # the scripts' own choice of device
     torch.manual_seed(0)
-    model = plumbing.shard_model(plumbing.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
+    model = sharding.shard_model(sharding.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
     # a trained-looking adapter: B != 0 (the same values on every rank, each keeps its rows)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(".lora_B"):
                 full = 0.3 * torch.randn(p.shape, generator=g)
-                p.to_local().copy_(full[parallel.shard_rows(p.shape[0], rank, world)].to(device))
+                p.to_local().copy_(full[sharding.shard_rows(p.shape[0], rank, world)].to(device))
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
     # per-rank loading: every base tensor is the checkpoint's
@@ -61,7 +63,7 @@ def worker(ckpt: str) -> None:
         assert torch.equal(full_sd[k].to(device), v), k
 
     # the plan's parameter bytes are what FSDP2 allocated on this rank, padding included
-    plan = parallel.plan_proxy(ARGS, world, base_itemsize=4, lora_r=4)
+    plan = memory_plan.plan_proxy(ARGS, world, base_itemsize=4, lora_r=4)
     storage = {n: p.to_local().untyped_storage().nbytes() for n, p in model.named_parameters()}
     assert sum(v for n, v in storage.items() if ".lora_" not in n) == plan.items["frozen base shard"]
     assert 4 * sum(v for n, v in storage.items() if ".lora_" in n) == plan.items["LoRA + grads + Adam"]
@@ -80,12 +82,12 @@ def worker(ckpt: str) -> None:
             else generate(model, PROMPTS[1], 8, eos_id=-1, pad_id=0, greedy=True)
     assert got == want, (rank, got, want)
 
-    tpm = parallel.tensor_parallel_copy(model)
-    got = parallel.tp_generate(tpm, PROMPTS[rank], 2, 8, eos_id=-1, pad_id=0, greedy=True)
+    tpm = tensor_parallel.tensor_parallel_copy(model)
+    got = tensor_parallel.tp_generate(tpm, PROMPTS[rank], 2, 8, eos_id=-1, pad_id=0, greedy=True)
     assert got == want, (rank, got, want)
     # an eos (rank 0's first row's third token) that ends some rows early: the shared decode stops together
-    eos = plumbing.agree(want[0][2])
-    got = parallel.tp_generate(tpm, PROMPTS[rank], 3, 8, eos_id=eos, pad_id=0, greedy=True)
+    eos = ranks.agree(want[0][2])
+    got = tensor_parallel.tp_generate(tpm, PROMPTS[rank], 3, 8, eos_id=eos, pad_id=0, greedy=True)
     assert got == [w[: w.index(eos)] if eos in w else w for w in want], rank
     # sampling: ranks with the same generator state draw the same tokens from their (all_reduced) logits
     flat = [p for ps in PROMPTS for p in ps]
@@ -107,8 +109,8 @@ def worker(ckpt: str) -> None:
         cache = KVCache(10)
         m(torch.tensor([[1, 2, 3], [4, 5, 6]], device=device), cache=cache)
         caches.append(sum(t.numel() * t.element_size() for d in (cache.k, cache.v) for t in d.values()))
-    assert world * caches[0] == caches[1] == parallel.kv_cache_bytes(ARGS, 2, 10, 4)
-    assert caches[0] == parallel.kv_cache_bytes(ARGS, 2, 10, 4, world)
+    assert world * caches[0] == caches[1] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4)
+    assert caches[0] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4, world)
 
     # the FSDP model still trains after the copy was built from it (its units were resharded)
     model.train()
@@ -123,19 +125,19 @@ def worker(ckpt: str) -> None:
     assert probe() is None
     dist.barrier()
     print(f"ok {rank}", flush=True)
-    plumbing.finish(0)
+    ranks.finish(0)
 
 
 def test_tensor_parallel_decode_loading_plan_and_free(tmp_path):
     torch.manual_seed(2)
     ckpt = str(tmp_path / "base")
     unit_scale(Llama(ARGS)).save_pretrained(ckpt)
-    p = ok(launch([ckpt], nproc=2, script="test_parallel.py"))
+    p = ok(launch([ckpt], nproc=2, script="test_tensor_parallel.py"))
     assert "ok 0" in p.stdout and "ok 1" in p.stdout
 
 
 def test_streaming_merged_export_equals_in_memory_merge(tmp_path):
-    """parallel.save_merged (tensor by tensor, sharded output) == from_pretrained + merge_lora +
+    """sharding.save_merged (tensor by tensor, sharded output) == from_pretrained + merge_lora +
     save_pretrained, bitwise, in bf16 (the cast before the fp32 merge is part of the arithmetic)."""
     torch.manual_seed(3)
     base = str(tmp_path / "base")
@@ -146,7 +148,7 @@ def test_streaming_merged_export_equals_in_memory_merge(tmp_path):
             m.lora_B.normal_()
     lora_sd = lora.lora_state_dict(model)
     lora.merge_lora(model).save_pretrained(str(tmp_path / "ref"))
-    parallel.save_merged(base, lora_sd, 2.0, str(tmp_path / "streamed"), torch.bfloat16, max_shard_size=30_000)
+    sharding.save_merged(base, lora_sd, 2.0, str(tmp_path / "streamed"), torch.bfloat16, max_shard_size=30_000)
     ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
     with open(tmp_path / "streamed" / "model.safetensors.index.json") as f:
         files = set(json.load(f)["weight_map"].values())
@@ -157,42 +159,6 @@ def test_streaming_merged_export_equals_in_memory_merge(tmp_path):
         assert torch.equal(got[k], ref[k]), k
     back = Llama.from_pretrained(str(tmp_path / "streamed"), dtype=torch.bfloat16)
     assert back.args == model.args
-
-
-def test_plan_70b_fits_80gb_with_tensor_parallel_sampling():
-    """The paper's setting: every phase of the picked sampler under 80 GiB per GPU on 8 GPUs; the
-    gathered decode (the whole bf16 proxy per GPU) does not fit, so auto picks tensor_parallel."""
-    plan = parallel.plan_proxy(ModelArgs.from_name("llama-2-70b"), 8, batch_size=2, activation_checkpointing=True,
-                               budget=80 * parallel.GiB)
-    assert plan.sampler == "tensor_parallel"
-    assert plan.phases["gathered decode"] > 80 * parallel.GiB
-    assert max(plan.phases["train step"], plan.phases["TP decode"]) < 80 * parallel.GiB
-    small = parallel.plan_proxy(ModelArgs.from_name("llama-2-7b"), 8, batch_size=2, budget=80 * parallel.GiB)
-    assert small.sampler == "gathered"
-
-
-def test_planned_activations_are_the_saved_tensors():
-    """The activation plan (no checkpointing, bf16 base, LoRA on every linear) == the bytes of the
-    distinct non-weight storages autograd saves in a forward through the blocks (a block input that
-    requires grad, as every block's does behind a LoRA layer)."""
-    args = ModelArgs(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=688, vocab_size=64)
-    torch.manual_seed(0)
-    model = lora.apply_lora(Llama(args).to(torch.bfloat16), r=8, alpha=16)
-    B, T = 2, 64
-    saved, weights = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    cos, sin = rope_cos_sin(torch.arange(T).expand(B, T), args.head_dim, args.rope_theta)
-    x = model.model.embed_tokens(torch.randint(0, 64, (B, T))).detach().requires_grad_()
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # as Llama.forward passes them
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for block in model.model.layers:
-            x = block(x, cos, sin)
-    assert parallel.activation_bytes(args, B * T, 2, checkpointing=False, lora_r=8) == sum(saved.values())
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""plumbing.py's machine-facing parts, checked on the CPU: the device each rank takes, the collective
+"""The machine-facing parts of a run (ranks.py, the training steps, the sampler's pick), checked on the CPU: the device each rank takes, the collective
 timeouts (a stuck rank stops the run; the known-long phases may wait), the host syncs of a training step,
 and the stop when no sampler fits the memory plan."""
 
@@ -11,10 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import lora
-import plumbing
-import train_proxy as tp
-import train_student as ts
+import memory_plan
+import ranks
+import train_proxy
+import train_student
 from model import Llama, ModelArgs
+from run import Run
 from scripts import demo_world
 from test_train_proxy import launch, steps_of
 
@@ -33,10 +35,10 @@ from test_train_proxy import launch, steps_of
 ])
 def test_pick_device(requested, local_rank, n_gpus, visible, want):
     if ":" in want or want == "cpu":
-        assert plumbing.pick_device(requested, local_rank, n_gpus, visible) == torch.device(want)
+        assert ranks.pick_device(requested, local_rank, n_gpus, visible) == torch.device(want)
     else:
         with pytest.raises(ValueError, match=want):
-            plumbing.pick_device(requested, local_rank, n_gpus, visible)
+            ranks.pick_device(requested, local_rank, n_gpus, visible)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_training_steps_sync_with_the_host_a_fixed_few_times(world):
         encoded = {i: data.encode_example(tok, examples[i], 96) for i in ids}
         model = lora.apply_lora(Llama.from_pretrained(world["base"], dtype=torch.float32), r=4, alpha=8.0)
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        micro = [plumbing.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
+        micro = [data.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
 
         class Cache:  # a random top-4 cache row per response token
             def rows(self, b_ids):
@@ -111,11 +113,12 @@ def test_training_steps_sync_with_the_host_a_fixed_few_times(world):
                          torch.log_softmax(torch.randn(n, 5), -1)[:, :4].half())
                         for n in (sum(y != -100 for y in encoded[i]["labels"][1:]) for i in b_ids)]
 
-        for step in (lambda: tp.train_step(model, opt, micro, 1, tp.Config(), "cpu"),
-                     lambda: ts.student_step(model, opt, micro, Cache(), {i: 0.5 for i in ids}, 1, ts.Config(), "cpu")):
+        for step in (lambda: train_proxy.train_step(Run(train_proxy.Config(), model=model, optimizer=opt), micro),
+                     lambda: train_student.student_step(Run(train_student.Config(), model=model, optimizer=opt), micro,
+                                                        Cache(), {i: 0.5 for i in ids})):
             with SyncCounter() as c:
-                sums = step()
-            assert torch.isfinite(sums).all()
+                out = step()
+            assert out.finite
             assert c.n == len(micro) + 1, c.n
     finally:
         if own_group:
@@ -128,8 +131,8 @@ def test_auto_sampler_at_one_rank_never_picks_tensor_parallel(world):
     the plan printed."""
     args = ModelArgs.from_hf_config(__import__("model").read_hf_config(world["base"]))
     small = 1 << 20  # bytes: nothing fits
-    assert tp.parallel.plan_proxy(args, 1, budget=small).sampler == "gathered"
-    assert tp.parallel.plan_proxy(args, 2, budget=small).sampler == "tensor_parallel"
+    assert memory_plan.plan_proxy(args, 1, budget=small).sampler == "gathered"
+    assert memory_plan.plan_proxy(args, 2, budget=small).sampler == "tensor_parallel"
     p = launch(world["common"] + ["--out", str(world["dir"] / "nofit"), "--gpu_memory_gib", "0.0001"], nproc=0)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "no sampler fits the memory plan at 1 rank(s)" in p.stderr and "| **peak: gathered decode** |" in p.stderr
