@@ -305,14 +305,16 @@ def plan_steps(indices: list[int], cfg, rank: int, world: int, epochs) -> list[l
 
 def make_batch(ids: list[int], encoded: dict, pad_id: int, device, extra: list[dict] = ()) -> dict:
     """Example ids -> a micro-batch: input_ids / labels (B, T) on `device`, and from their host copy
-    labels_cpu, "ids", n = len(ids), n_tokens = the examples' response tokens and n_fwd = the tokens
-    forwarded (for tokens/s), so that no step waits on the device for a count. `extra`: encoded rows
+    labels_cpu, "ids", n = len(ids), n_tokens = the examples' response tokens, n_rows = every row's
+    response tokens and n_fwd = the tokens forwarded (for tokens/s), so that no step waits on the device
+    for a count. `extra`: encoded rows
     stacked after the examples' own (a round's y_hat), forwarded but not in n_tokens."""
     encs = [encoded[i] for i in ids] + list(extra)
     cpu = collate(encs, pad_id)
     batch = {k: to_device(v, device) for k, v in cpu.items()}
     batch["labels_cpu"], batch["ids"], batch["n"] = cpu["labels"], ids, len(ids)
     batch["n_tokens"] = int(num_response_tokens(cpu["labels"][: len(ids)]))
+    batch["n_rows"] = int(num_response_tokens(cpu["labels"]))  # every row's: the fused heads' row count
     batch["n_fwd"] = float(sum(len(e["input_ids"]) for e in encs))
     return batch
 

@@ -82,10 +82,11 @@ def topk_logps_chunked(
 
 
 # ---------------------------------------------------------------------------------------------------
-# fused variants: the chunked functions' values and gradients, faster, and what the training steps use.
+# fused heads: the references' values and gradients, faster; what the training steps run by default.
 # Three things make them fast, none of which changes a number beyond float rounding:
 # - Only response rows reach the head: prompt and pad positions are never scored, so their logits are
-#   never computed (transformers computes them all). Counting those rows is one host sync.
+#   never computed (transformers computes them all). Their count comes from the host (`n_rows`, which
+#   data.make_batch records), so gathering them waits for nothing; without it, counting them is one sync.
 # - Each chunk's gradient with respect to the hidden states is computed during the forward, while its
 #   logits exist anyway (Liger's fused linear cross-entropy, generalised to per-position outputs), so the
 #   backward neither keeps nor recomputes logits: it scales stored (n, D) rows.
@@ -220,12 +221,15 @@ def _student_cols(lq_y: Tensor, lq_k: Tensor, lq_tail: Tensor | None, p_lp: Tens
     return torch.stack([lq_y, pk.bucket_kl(lq_k, lq_tail, p_lp)], -1)  # (n, 2): Eq. 8 per position
 
 
-def _response_rows(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _response_rows(hidden: Tensor, labels: Tensor, n_rows: int | None) -> tuple[Tensor, Tensor, Tensor]:
     """-> h (n, D) the hidden states of the n scored positions (labels[:, t+1] a response token),
-    idx (n,) their flat index in the (B*(T-1),) shifted grid, y (n,) their targets."""
+    idx (n,) their flat index in the (B*(T-1),) shifted grid, y (n,) their targets. n_rows: n when the
+    caller knows it (data.make_batch's count, from the host copy of the labels), else counted here."""
     B, T, D = hidden.shape
     y, m = pk.shift_labels(labels)
-    idx = m.reshape(-1).nonzero().squeeze(-1)  # the one host sync
+    m = m.reshape(-1)
+    # a data-dependent size makes the host wait for the device; a known one does not (and traces)
+    idx = m.nonzero().squeeze(-1) if n_rows is None else torch.nonzero_static(m, size=n_rows).squeeze(-1)
     b, t = idx // (T - 1), idx % (T - 1)
     return hidden.reshape(B * T, D).index_select(0, b * T + t), idx, y.reshape(-1)[idx]
 
@@ -236,28 +240,31 @@ def _scatter_rows(x: Tensor, idx: Tensor, B: int, T: int) -> Tensor:
     return x.new_zeros(B, T - 1).index_put((idx // (T - 1), idx % (T - 1)), x)
 
 
-def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
-    """token_logps_chunked (Eq. 1 per position) computed by the fused head: same arguments, same result
-    (B, T-1) fp32, 0 where masked, up to the rounding of the matmuls in hidden's / weight's dtype."""
+def token_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None,
+                      n_rows: int | None = None) -> Tensor:
+    """proxykd.token_logps (Eq. 1 per position) by the fused head: hidden (B, T, D), weight (V, D), labels
+    (B, T) -> (B, T-1) fp32, 0 where masked, up to the rounding of the matmuls in hidden's / weight's
+    dtype. n_rows: the number of response positions (see _response_rows)."""
     B, T, _ = hidden.shape
-    h, idx, y = _response_rows(hidden, labels)
+    h, idx, y = _response_rows(hidden, labels, n_rows)
     coef = torch.ones(h.shape[0], 1, dtype=_compute_dtype(hidden, weight), device=hidden.device)
     lp, _ = _FusedHead.apply(h, weight, coef, _logp_cols, chunk_size, y, None)
     return _scatter_rows(lp, idx, B, T)
 
 
 def nll_loss_fused(hidden: Tensor, weight: Tensor, labels: Tensor, n_tokens: Tensor | float | None = None,
-                   chunk_size: int | None = None) -> Tensor:
+                   chunk_size: int | None = None, n_rows: int | None = None) -> Tensor:
     """proxykd.nll_loss (Eq. 1 / 3 / 7) by the fused head: the same lines on token_logps_fused's log-probs."""
     if n_tokens is None:
         n_tokens = pk.num_response_tokens(labels).clamp(min=1)
-    return -token_logps_fused(hidden, weight, labels, chunk_size).sum() / n_tokens
+    return -token_logps_fused(hidden, weight, labels, chunk_size, n_rows).sum() / n_tokens
 
 
-def sequence_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None) -> Tensor:
-    """sequence_logps_chunked (Eq. 1, 3, 4, 9) by the fused head: hidden (B, T, D), weight (V, D),
-    labels (B, T) -> (B,) fp32. The proxy's NLL + DPO forward over [y; y_hat]."""
-    return token_logps_fused(hidden, weight, labels, chunk_size).sum(-1)
+def sequence_logps_fused(hidden: Tensor, weight: Tensor, labels: Tensor, chunk_size: int | None = None,
+                         n_rows: int | None = None) -> Tensor:
+    """proxykd.sequence_logps (Eq. 1, 3, 4, 9) by the fused head: hidden (B, T, D), weight (V, D), labels
+    (B, T) -> (B,) fp32. The proxy's NLL + DPO forward over [y; y_hat]."""
+    return token_logps_fused(hidden, weight, labels, chunk_size, n_rows).sum(-1)
 
 
 def student_loss_fused(
@@ -270,15 +277,17 @@ def student_loss_fused(
     alpha: float = 100.0,
     n_tokens: Tensor | float | None = None,
     chunk_size: int | None = None,
+    n_rows: int | None = None,
 ) -> pk.StudentLoss:
-    """student_loss_chunked (Eq. 11 = Eq. 7 + alpha * Eq. 10) by the fused head: same arguments and result.
+    """proxykd.student_loss (Eq. 11 = Eq. 7 + alpha * Eq. 10) by the fused head: hidden (B, T, D) and weight
+    (V, D) instead of logits, otherwise the same arguments and result; n_rows as token_logps_fused's.
 
     Eq. 11 is linear in each position's (log pi_s(y_t), KL_t) with known coefficients (-1 / N and
     alpha * w_i / N), which is what the fused head needs to differentiate in the forward.
     """
     B, T, _ = hidden.shape
     dtype = _compute_dtype(hidden, weight)
-    h, idx, y = _response_rows(hidden, labels)
+    h, idx, y = _response_rows(hidden, labels, n_rows)
     k = topk_ids.shape[-1]
     ids = topk_ids.reshape(-1, k)[idx].long()
     p_lp = topk_logps.reshape(-1, k)[idx].detach().to(dtype)

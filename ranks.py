@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 @dataclasses.dataclass
@@ -26,6 +27,7 @@ class Launch:
 
 _DEVICE = torch.device("cpu")  # the device init_distributed chose, for everything that places tensors
 _LONG_GROUP = None  # a gloo group with long_timeout_min, for the known-long phases' waits
+_MESH = None  # every rank on the chosen device: the FSDP2 mesh
 
 
 def pick_device(requested: str, local_rank: int, n_gpus: int, visible: str | None) -> torch.device:
@@ -58,7 +60,7 @@ def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.devi
     included) as a multi-rank launch. Collectives time out after launch.timeout_min, except the waits
     of the known-long phases (long_barrier, agree(long=True)).
     """
-    global _DEVICE, _LONG_GROUP
+    global _DEVICE, _LONG_GROUP, _MESH
     launch = launch or Launch()
     requested = launch.device if launch.device != "auto" else os.environ.get("PROXYKD_DEVICE", "auto")
     try:
@@ -71,6 +73,9 @@ def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.devi
     if launch.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when its handle is made
         torch.use_deterministic_algorithms(True)  # SDPA's backward kernels too
+        # deterministic mode also NaN-fills every torch.empty (the loss heads' buffers, FSDP's all-gather
+        # buffers), which no result here depends on: every such buffer is written before it is read
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
     if cuda:
         torch.cuda.set_device(_DEVICE)
@@ -81,12 +86,20 @@ def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.devi
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
                                 device_id=_DEVICE if cuda else None)
     _LONG_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=launch.long_timeout_min))
+    # the mesh FSDP2 shards over, built from the chosen device: fully_shard's default mesh would take the
+    # machine's accelerator, CUDA on any host with a GPU, whatever --device says
+    _MESH = init_device_mesh(_DEVICE.type, (dist.get_world_size(),))
     return dist.get_rank(), dist.get_world_size(), _DEVICE
 
 
 def device() -> torch.device:
     """The device init_distributed chose for this process (the CPU before it ran)."""
     return _DEVICE
+
+
+def mesh() -> DeviceMesh:
+    """The 1-D mesh of every rank on the chosen device (init_distributed), for fully_shard."""
+    return _MESH
 
 
 def long_barrier() -> None:

@@ -76,12 +76,12 @@ def check_weights(ckpt_dir: str) -> None:
             raise ValueError(f"{file}: not a whole safetensors file ({e}); {expected}") from None
 
 
-def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
-    """FSDP2: fully_shard every transformer block, then the root (embeddings, final norm, lm_head).
-    Collective. Returns the same module object on the process group's device: an FSDPModule when
-    there are several ranks; at one rank a plain module, because there is nothing to shard and
-    fully_shard would still copy every parameter into a fresh unsharded buffer on every forward and
-    backward (RESULTS.md, "No FSDP at one rank").
+def shard_model(model: Llama, activation_checkpointing: bool = False, mesh=None) -> Llama:
+    """FSDP2: fully_shard every transformer block, then the root (embeddings, final norm, lm_head), over
+    `mesh` (default ranks.mesh(): every rank, on the chosen device). Collective. Returns the same module
+    object on that device: an FSDPModule when there are several ranks; at one rank a plain module,
+    because there is nothing to shard and fully_shard would still copy every parameter into a fresh
+    unsharded buffer on every forward and backward (RESULTS.md, "No FSDP at one rank").
     Everything downstream (state dicts, `gathered`, the collectives) takes either.
 
     A model from load_base (base weights on the meta device) gets its shards read by each rank from
@@ -91,8 +91,9 @@ def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
     `checkpoint` (a hook on the block) rather than checkpoint_wrapper, because the wrapper renames every
     parameter (`_checkpoint_wrapped_module.`) and the LoRA/PEFT key mapping relies on plain HF names.
     """
+    mesh = mesh or ranks.mesh()  # of ranks.device()'s type, like every tensor here
     device = ranks.device()
-    shard = dist.get_world_size() > 1
+    shard = mesh.size() > 1
     on_meta = any(p.is_meta for p in model.parameters())
     # to_empty below replaces every parameter: keep the host ones (the fresh LoRA) to slice from
     host = {n: p.detach() for n, p in model.named_parameters() if not p.is_meta} if on_meta else {}
@@ -102,9 +103,9 @@ def shard_model(model: Llama, activation_checkpointing: bool = False) -> Llama:
         if activation_checkpointing:
             checkpoint(block)
         if shard:
-            fully_shard(block)
+            fully_shard(block, mesh=mesh)
     if shard:
-        fully_shard(model)
+        fully_shard(model, mesh=mesh)
     if on_meta:
         model.to_empty(device=device)
         load_fsdp_shards(model, model.checkpoint_dir, host)

@@ -78,24 +78,53 @@ def test_stuck_rank_times_out_and_long_phases_may_wait(world):
     assert 9 < time.time() - t0 < 120, "a stuck rank must not hang the others for the default timeout"
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device: reading a scalar, nonzero's output size."""
+class HostTraffic(TorchDispatchMode):
+    """Counts what would make a GPU wait for the host, or the host for a GPU, on the CPU where neither
+    waits: reads of a device value (`syncs`: a scalar read, nonzero's data-dependent size), and copies of
+    host data to the device (`stray`: torch.tensor(..., device=...) and Tensor.to(<device>), pageable and
+    blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On
+    the CPU every tensor is a host tensor, so any Tensor.to(<device>) outside data.to_device counts."""
 
-    def __init__(self):
+    def __init__(self, monkeypatch):
         super().__init__()
-        self.n = 0
+        self.syncs = self.stray = self.pinned = 0
+        real_tensor, real_to, real_to_device = torch.tensor, torch.Tensor.to, data.to_device
+        sanctioned = []
+
+        def tensor(*args, **kwargs):
+            self.stray += kwargs.get("device") is not None
+            return real_tensor(*args, **kwargs)
+
+        def to(t, *args, **kwargs):
+            target = kwargs.get("device") is not None or any(isinstance(a, (str, torch.device)) for a in args)
+            self.stray += target and not sanctioned
+            return real_to(t, *args, **kwargs)
+
+        def to_device(t, device):
+            self.pinned += 1
+            sanctioned.append(1)
+            try:
+                return real_to_device(t, device)
+            finally:
+                sanctioned.pop()
+
+        monkeypatch.setattr(torch, "tensor", tensor)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(data, "to_device", to_device)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
-            self.n += 1
+            self.syncs += 1
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_sync_with_the_host_a_fixed_few_times(world):
-    """A training step of two micro-batches reads from the device once per micro-batch (the fused head
-    counts its response rows) and once for the finiteness check, whatever the batch holds: the token
-    counts come from the host copy of the batch, the cache rows are laid out on the host. SGD, whose
-    step reads nothing back (Adam's CPU path reads its step counters)."""
+def test_training_steps_wait_for_the_host_once(world, monkeypatch):
+    """A training step of two micro-batches reads one value back from the device (its metrics, which
+    also say whether the loss is finite on every rank), whatever the batch holds, and copies host data
+    to the device only through data.to_device, a fixed number of times: the proxy its step's counts; the
+    student its step's count, and per micro-batch the cache rows (ids, log-probs) and the weights. The
+    token and row counts come from the host copy of the batch. SGD, whose step reads nothing back
+    (Adam's CPU path reads its step counters)."""
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -113,13 +142,15 @@ def test_training_steps_sync_with_the_host_a_fixed_few_times(world):
                          torch.log_softmax(torch.randn(n, 5), -1)[:, :4].half())
                         for n in (sum(y != -100 for y in encoded[i]["labels"][1:]) for i in b_ids)]
 
-        for step in (lambda: train_proxy.train_step(Run(train_proxy.Config(), model=model, optimizer=opt), micro),
-                     lambda: train_student.student_step(Run(train_student.Config(), model=model, optimizer=opt), micro,
-                                                        Cache(), {i: 0.5 for i in ids})):
-            with SyncCounter() as c:
+        steps = {1: lambda: train_proxy.train_step(Run(train_proxy.Config(), model=model, optimizer=opt), micro),
+                 1 + 3 * len(micro): lambda: train_student.student_step(Run(train_student.Config(), model=model,
+                                                                            optimizer=opt), micro, Cache(),
+                                                                        {i: 0.5 for i in ids})}
+        for copies, step in steps.items():
+            with monkeypatch.context() as m, HostTraffic(m) as c:
                 out = step()
             assert out.finite
-            assert c.n == len(micro) + 1, c.n
+            assert (c.syncs, c.stray, c.pinned) == (1, 0, copies)
     finally:
         if own_group:
             dist.destroy_process_group()

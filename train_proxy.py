@@ -225,10 +225,10 @@ def sample_round(run: Run, steps: list, generator: torch.Generator) -> dict:
         ranks.crash_point("sample")
         encs = [run.encoded[i] for i in ids]
         rej = [rounds.rejected_example(e, next(y_hats), tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e in encs]
-        batch = data.collate(encs + rej, tok.pad_id)  # rows [y_1..y_B; y_hat_1..y_hat_B]
-        input_ids, labels = data.to_device(batch["input_ids"], run.device), data.to_device(batch["labels"], run.device)
-        lp = head(model, input_ids, cfg.loss, lambda logits: pk.sequence_logps(logits, labels),
-                  lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size))
+        b = data.make_batch(ids, run.encoded, tok.pad_id, run.device, extra=rej)  # rows [y_1..y_B; y_hat_1..y_hat_B]
+        labels = b["labels"]
+        lp = head(model, b["input_ids"], cfg.loss, lambda logits: pk.sequence_logps(logits, labels),
+                  lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size, b["n_rows"]))
         ref_c.append(lp[: len(ids)].float().cpu())
         ref_r.append(lp[len(ids) :].float().cpu())
         ids_all += ids
@@ -294,18 +294,18 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
 
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # the ProxyStep fields, in order
     for b in batches:
-        labels, n = b["labels"], b["n"]
+        labels, n, rows = b["labels"], b["n"], b["n_rows"]
         if dpo:
             # one forward over [y; y_hat]: the chosen half serves both Eq. 3 and Eq. 4
             lp = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.sequence_logps(logits, labels),
-                      lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size))
+                      lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size, rows))
             out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], nll_divisor, cfg.beta, n_pairs)
             loss, nll, pref = out.loss, out.nll, out.pref
             rc, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
             sums[3:7] += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(), torch.ones_like(rc).sum()])
         else:  # Eq. 3, this micro-batch's share of the step's mean
             loss = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.nll_loss(logits, labels, nll_divisor),
-                        lambda h, w: fast.nll_loss_fused(h, w, labels, nll_divisor, cfg.chunk_size))
+                        lambda h, w: fast.nll_loss_fused(h, w, labels, nll_divisor, cfg.chunk_size, rows))
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, pref]).double()

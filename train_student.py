@@ -290,10 +290,10 @@ def student_step(run: Run, batches: list[dict], cache: topk_cache.ProxyCache | N
 
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # the StudentStep fields, in order
     for b in batches:
-        labels = b["labels"]
+        labels, rows = b["labels"], b["n_rows"]
         if cache is None:  # black-box KD: Eq. 7, this micro-batch's share of the step's mean
             loss = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.nll_loss(logits, labels, n_tokens),
-                        lambda h, w: fast.nll_loss_fused(h, w, labels, n_tokens, cfg.chunk_size))
+                        lambda h, w: fast.nll_loss_fused(h, w, labels, n_tokens, cfg.chunk_size, rows))
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
             top_ids, top_lps = topk_cache.pad_topk(cache.rows(b["ids"]), b["labels_cpu"], device)  # (B, T-1, k)
@@ -301,7 +301,7 @@ def student_step(run: Run, batches: list[dict], cache: topk_cache.ProxyCache | N
             out = head(run.model, b["input_ids"], cfg.loss,
                        lambda logits: pk.student_loss(logits, labels, top_ids, top_lps, w, cfg.alpha, n_tokens),
                        lambda h, wt: fast.student_loss_fused(h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens,
-                                                             cfg.chunk_size))
+                                                             cfg.chunk_size, rows))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, wkl]).double()
