@@ -24,6 +24,7 @@ import data
 import fast
 import proxykd as pk
 import ranks
+import sharding
 from model import read_hf_config
 
 
@@ -73,6 +74,7 @@ class Run:
                       system_field=cfg.system_field or None)
         try:
             vocab = read_hf_config(cfg.base)["vocab_size"]
+            sharding.check_weights(cfg.base)
             self.tok = data.Tokenizer(cfg.tokenizer)
             examples = data.read_jsonl(cfg.data, **fields)
             held_out = data.read_jsonl(cfg.eval_data, **fields) if cfg.eval_data else []

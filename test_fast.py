@@ -213,3 +213,80 @@ def test_proxy_cache_roundtrip_and_self_distillation():
     assert (kl >= 0).all() and (kl < 1e-3).all()
     with pytest.raises(ValueError):
         topk_cache.pad_topk(rows, make_labels(g, [(1, 9), (4, 8), (1, 5)], T, V))
+
+
+def test_training_steps_give_the_same_step_with_either_loss_head():
+    """One optimizer step of each script with --loss reference (full logits, proxykd.py as written) and with
+    --loss fused (fast.py): the same logged values and the same LoRA update. An fp64 model and SGD at lr 1,
+    so the update is minus the gradient: the two heads differ only in the order of fp64 sums (~1e-15
+    relative), which after the LoRA parameters' fp32 cast is at most an ulp or two (rtol 1e-6)."""
+    import torch.distributed as dist
+
+    import data
+    import lora
+    import train_proxy
+    import train_student
+    from model import Llama, ModelArgs
+    from run import Run
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(23)
+        V, k = 50, 4
+        torch.manual_seed(23)
+        model = lora.apply_lora(Llama(ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                                                vocab_size=V)).double(), r=4, alpha=8.0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # a trained-looking adapter: B != 0, so every LoRA tensor gets a gradient
+            torch.nn.init.normal_(p, std=0.1, generator=g)
+        start = [p.detach().clone() for p in params]
+
+        def example(n_prompt, n_reply):
+            ids = torch.randint(1, V, (n_prompt + n_reply,), generator=g).tolist()
+            return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+
+        encoded = {i: example(3 + i % 4, 4 + 2 * i) for i in range(5)}
+        rows = [example(3 + i % 4, 2 + i) for i in range(5)]  # the proxy's own replies y_hat
+        micro = [data.make_batch(m, encoded, 0, "cpu") for m in ([0, 1, 2], [3, 4])]
+        pairs = [data.make_batch(m, encoded, 0, "cpu", extra=[rows[i] for i in m]) for m in ([0, 1, 2], [3, 4])]
+        for b in pairs:
+            b["ref_chosen"], b["ref_rejected"] = -torch.rand(b["n"], generator=g) * 20, -torch.rand(b["n"], generator=g) * 20
+
+        class Cache:  # random top-k rows per response token
+            def __init__(self):
+                n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
+                self.r = {i: (torch.randint(0, V, (n[i], k), generator=g, dtype=torch.int32),
+                              torch.log_softmax(torch.randn(n[i], k + 1, generator=g), -1)[:, :k].half()) for i in n}
+
+            def rows(self, ids):
+                return [self.r[i] for i in ids]
+
+        cache, weights = Cache(), {i: 0.2 + 0.15 * i for i in encoded}
+        steps = {
+            "proxy warm-up (Eq. 3)": lambda run: train_proxy.train_step(run, micro),
+            "proxy alignment (Eq. 6)": lambda run: train_proxy.train_step(run, pairs),
+            "student (Eq. 11)": lambda run: train_student.student_step(run, micro, cache, weights),
+            "black-box KD (Eq. 7)": lambda run: train_student.student_step(run, micro, None, None),
+        }
+        for name, step in steps.items():
+            out = {}
+            for loss in ("reference", "fused"):
+                with torch.no_grad():
+                    for p, s in zip(params, start):
+                        p.copy_(s)
+                script = train_proxy if name.startswith("proxy") else train_student
+                cfg = script.Config(loss=loss, chunk_size=3, **({"beta": 0.5} if script is train_proxy else {"alpha": 2.0}))
+                logged = step(Run(cfg, model=model, optimizer=torch.optim.SGD(params, lr=1.0)))
+                out[loss] = (logged, [p.detach() - s for p, s in zip(params, start)])
+            (ref, d_ref), (fused, d_fused) = out["reference"], out["fused"]
+            assert fused._fields == ref._fields
+            for f in ref._fields:
+                assert getattr(fused, f) == pytest.approx(getattr(ref, f), rel=1e-10, abs=1e-12), (name, f)
+            assert all(d.abs().max() > 0 for d in d_ref), name  # every LoRA tensor moved
+            for a, b in zip(d_ref, d_fused):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
+    finally:
+        if own_group:
+            dist.destroy_process_group()

@@ -100,9 +100,11 @@ EXACT = ["--base_dtype", "float32", "--greedy", "--optimizer", "sgd"]
 
 @pytest.fixture(scope="module")
 def run_ws2(world):
-    # 2 ranks x 1 example x 2 accumulated micro-batches: global batch 4
+    # 2 ranks x 1 example x 2 accumulated micro-batches: global batch 4; the paper's losses as written
+    # (--loss reference: full logits, proxykd.py), where run_ws1 runs the fused heads; --keep_best
     out = str(world["dir"] / "ws2")
-    ok(launch(world["common"] + EXACT + ["--batch_size", "1", "--grad_accum", "2", "--out", out]))
+    ok(launch(world["common"] + EXACT + ["--batch_size", "1", "--grad_accum", "2", "--loss", "reference", "--keep_best",
+                                         "--out", out]))
     return out
 
 
@@ -159,6 +161,11 @@ def test_run_writes_merged_proxy_and_logs(world, run_ws2):
     assert os.path.exists(os.path.join(run_ws2, "adapter", "adapter_config.json"))
     assert os.path.exists(os.path.join(run_ws2, "warmup", "final", "config.json"))
     assert not os.listdir(os.path.join(run_ws2, "rounds"))
+    # --keep_best: the evaluation of the lowest held-out NLL is named, and its model written beside the last
+    best = next(r for r in recs if "best_step" in r)
+    lowest = min(evals, key=lambda r: r["eval_nll"])
+    assert (best["best_step"], best["best_eval_nll"]) == (lowest["step"], lowest["eval_nll"])
+    assert os.path.exists(os.path.join(run_ws2, "best", "final", "provenance.json"))
 
 
 def test_lora_trained_and_merged(world, run_ws2):
@@ -214,7 +221,8 @@ def test_eval_matches_base_and_merged_model(world, run_ws2):
 
 
 def test_world_size_1_matches_2(run_ws1, run_ws2):
-    """Same global batch (1 rank x 4 == 2 ranks x 1 x 2 accumulated micro-batches): same losses and the
+    """Same global batch (1 rank x 4 == 2 ranks x 1 x 2 accumulated micro-batches), and the fused heads
+    (run_ws1) against the paper's losses on full logits (run_ws2, --loss reference): same losses and the
     same trained adapter, up to float summation order (fp32, greedy y_hat; bf16 or sampling would
     legitimately differ). SGD: each update is lr x the gradient, so this also pins the gradient's scale
     across world sizes (a factor of 2 from FSDP's average over ranks would fail it).

@@ -72,16 +72,20 @@ def world(tmp_path_factory):
     common = ["--base", student, "--tokenizer", tok_path, "--data", train, "--max_len", str(MAX_LEN),
               "--lr", "1e-3", "--batch_size", "2", "--split_seed", str(SEED), "--seed", str(SEED), "--topk", str(K),
               "--proxy_dtype", "float32", "--cache_batch_size", "3", "--cache_flush_every", "2"]
+    # held-out evaluations after every step, keeping the best
+    keep_best = ["--keep_best", "--eval_every", "1", "--eval_data", held_out, "--eval_batch_size", "4"]
     d_s = data.split_indices(N_EXAMPLES, SEED)["student"]
-    return dict(dir=d, student=student, proxy_a=proxy_a, proxy_b=proxy_b, tok=tok, tok_path=tok_path, data=train,
+    return dict(dir=d, keep_best=keep_best, student=student, proxy_a=proxy_a, proxy_b=proxy_b, tok=tok, tok_path=tok_path, data=train,
                 held_out=held_out, common=common, d_s=d_s, steps=math.ceil(len(d_s) / 4))
 
 
 @pytest.fixture(scope="module")
 def run_kd(world):
-    """Full Proxy-KD: cache with proxy A, then the weighted-KL student (alpha 100, bf16 base)."""
+    """Full Proxy-KD: cache with proxy A, then the weighted-KL student (alpha 100, bf16 base); held-out
+    evaluations after every step with --keep_best, and every step's checkpoint kept."""
     out = str(world["dir"] / "kd")
-    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, "--eval_data", world["held_out"], "--eval_batch_size", "4"]))
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, *world["keep_best"], "--save_every", "1",
+                                 "--keep_checkpoints", "0"]))
     return out
 
 
@@ -238,14 +242,15 @@ def test_reduce_mean_std_across_ranks(tmp_path):
 
 
 def test_student_trains_only_lora(world, run_kd):
-    """The run logs every step with a positive KL term and held-out evals before and after; the adapter
+    """The run logs every step with a positive KL term and held-out evals before, during and after; the adapter
     moved, and its merged student is exactly base + (alpha / r) B A: base weights never changed."""
     recs, steps = metrics(run_kd), steps_of(run_kd)
     assert [r["step"] for r in steps] == list(range(1, world["steps"] + 1))
     assert all(math.isfinite(r["loss"]) and r["wkl"] > 0 for r in steps)
     assert all(r["loss"] == pytest.approx(r["nll"] + 100 * r["wkl"], rel=1e-5) for r in steps)
     evals = [r for r in recs if "eval_top1_agreement" in r]
-    assert [r["stage"] for r in evals] == ["init", "final"] and all(0 <= r["eval_top1_agreement"] <= 1 for r in evals)
+    assert (evals[0]["stage"], evals[-1]["stage"]) == ("init", "final") and len(evals) == world["steps"] + 1
+    assert all(0 <= r["eval_top1_agreement"] <= 1 for r in evals)
     assert os.path.exists(os.path.join(run_kd, "final", "tokenizer.model"))
 
     final = adapter(run_kd)
@@ -323,13 +328,24 @@ def test_max_examples_trains_on_the_first_n_with_the_full_cache_and_weights(worl
 
 
 def test_resume_matches_uninterrupted(world, run_kd):
-    """Stop after 4 of 7 steps, resume: the same per-step losses and the same adapter, bitwise. Reuses
-    run_kd's complete cache (no proxy forward in either launch)."""
+    """Stop after 4 of 7 steps, resume: the same per-step losses, the same held-out evaluations and the
+    same adapter, bitwise, and --keep_best's choice survives the stop: the checkpoint holds the best
+    evaluation so far, the resumed run keeps run_kd's best adapter. Reuses run_kd's complete cache (no
+    proxy forward in either launch)."""
     out = str(world["dir"] / "resumed")
-    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"), "--out", out]
+    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"), "--out", out,
+                              *world["keep_best"]]
     ok(launch(args + ["--stop_after_steps", "4"]))
     assert max(r["step"] for r in steps_of(out)) == 4
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        state = torch.load(os.path.join(out, "checkpoints", f.read().strip(), "state.pt"), weights_only=True)
+    so_far = min((r for r in metrics(run_kd) if "eval_nll" in r and r["step"] <= 4), key=lambda r: r["eval_nll"])
+    assert state["best"] == {"step": so_far["step"], "eval_nll": so_far["eval_nll"]}
     ok(launch(args + ["--resume"]))
+    evals = [[(r["step"], r["eval_nll"]) for r in metrics(o) if "eval_nll" in r] for o in (run_kd, out)]
+    assert evals[0] == evals[1]
+    best = [load_file(os.path.join(o, "best", "adapter", "adapter_model.safetensors")) for o in (run_kd, out)]
+    assert all(torch.equal(best[0][k], best[1][k]) for k in best[0])
     assert not any(r.get("phase") == "cache" for r in metrics(out))
     ref, res = steps_of(run_kd), steps_of(out)
     assert [r["step"] for r in res] == [r["step"] for r in ref]
@@ -337,6 +353,29 @@ def test_resume_matches_uninterrupted(world, run_kd):
         assert (a["loss"], a["nll"], a["wkl"]) == (b["loss"], b["nll"], b["wkl"]), a["step"]
     a, b = adapter(run_kd), adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_keeps_the_lowest_held_out_nll(world, run_kd):
+    """--keep_best: the kept evaluation is the one whose logged held-out NLL is lowest (the first of any
+    tie), and its adapter is bitwise the checkpoint of that step (the adapter of a run stopped there);
+    best/final is that adapter merged, final/ the last step's."""
+    recs = metrics(run_kd)
+    evals = [r for r in recs if "eval_nll" in r]
+    assert [r["step"] for r in evals] == list(range(world["steps"] + 1))  # init, every step (the last: final)
+    lowest = min(evals, key=lambda r: r["eval_nll"])
+    best = next(r for r in recs if "best_step" in r)
+    assert (best["best_step"], best["best_eval_nll"]) == (lowest["step"], lowest["eval_nll"])
+    kept = load_file(os.path.join(run_kd, "best", "adapter", "adapter_model.safetensors"))
+    if lowest["step"] == 0:  # the untrained student: a fresh adapter, B = 0
+        assert all(not v.any() for k, v in kept.items() if "lora_B" in k)
+    else:
+        ckpt = load_file(os.path.join(run_kd, "checkpoints", f"step-{lowest['step']:08d}", "adapter_model.safetensors"))
+        assert kept.keys() == ckpt.keys() and all(torch.equal(kept[k], ckpt[k]) for k in kept)
+    merged = Llama.from_pretrained(os.path.join(run_kd, "best", "final"), dtype=torch.float32).state_dict()
+    base = Llama.from_pretrained(world["student"], dtype=torch.float32).state_dict()
+    name = "model.layers.0.self_attn.q_proj"
+    delta = (16.0 / 8) * (kept[f"base_model.model.{name}.lora_B.weight"] @ kept[f"base_model.model.{name}.lora_A.weight"])
+    torch.testing.assert_close(merged[name + ".weight"], base[name + ".weight"] + delta)  # fp32, as stored
 
 
 def test_alpha0_is_plain_sft_whatever_the_proxy(world, run_kd, run_sft):
@@ -495,3 +534,40 @@ def test_plan_with_a_bad_base_is_one_line():
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert p.stderr.strip().splitlines() == [f"{script}: bad input: no/such/dir: no such directory; expected an "
                                                   "HF-format checkpoint dir (config.json + *.safetensors)"]
+
+
+@pytest.mark.parametrize("nproc", [0, 2])
+@pytest.mark.parametrize("case", ["truncated weights", "missing proxy", "three examples"])
+def test_bad_inputs_stop_in_one_line(world, tmp_path, case, nproc):
+    """What a new user gets wrong stops every rank with exit 2 and one line saying what is wrong, and no
+    traceback through our code: a truncated *.safetensors (the proxy's --base, the student's --proxy), a
+    --proxy directory that does not exist, and teacher data too small for the 10 / 45 / 45 split."""
+    if case == "truncated weights":
+        for flag, src in (("--base", world["student"]), ("--proxy", world["proxy_a"])):
+            shutil.copytree(src, str(tmp_path / flag[2:]))
+            weights = str(tmp_path / flag[2:] / "model.safetensors")
+            with open(weights, "r+b") as f:
+                f.truncate(os.path.getsize(weights) // 2)  # a copy that stopped half-way
+        runs = [("train_proxy.py", ["--base", str(tmp_path / "base")], "model.safetensors: not a whole safetensors file"),
+                ("train_student.py", ["--proxy", str(tmp_path / "proxy")], "model.safetensors: not a whole safetensors file")]
+    elif case == "missing proxy":
+        runs = [("train_student.py", ["--proxy", "no/such/dir"],
+                 "bad input: --proxy no/such/dir: no such directory; expected an HF-format checkpoint dir")]
+    else:
+        tiny = str(tmp_path / "tiny.jsonl")
+        demo_world.write_demo_jsonl(tiny, 3, seed=0)
+        runs = [("train_proxy.py", ["--data", tiny], "3 examples leave the warm-up (D_w, 10%)")]
+    base = ["--base", world["student"], "--tokenizer", world["tok_path"], "--data", world["data"], "--rounds", "2",
+            "--proxy", world["proxy_a"], "--out", str(tmp_path / "out")]
+    for script, args, what in runs:
+        if script == "train_proxy.py":
+            base = [a for a in base if a not in ("--proxy", world["proxy_a"])]
+        else:
+            base = [a for a in base if a not in ("--rounds", "2")]
+        p = test_train_proxy.launch(base + args, nproc=nproc, script=script)
+        assert p.returncode != 0, p.stderr[-3000:]
+        lines = [line for line in p.stderr.splitlines() if what in line]
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: "), p.stderr[-3000:]
+        assert not test_train_proxy.own_frames(p.stderr), p.stderr[-3000:]
+        if nproc == 0:
+            assert p.returncode == 2 and p.stderr.strip().splitlines() == lines, p.stderr[-3000:]
