@@ -326,6 +326,18 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], object]:
+    """Device tensors -> (their host copies, a function that waits for them). From a GPU the copies go
+    into pinned memory without the host waiting, so the device can run ahead; read them after the
+    wait."""
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    if tensors and tensors[0].is_cuda:
+        done = torch.cuda.Event()
+        done.record()
+        return copies, done.synchronize
+    return copies, lambda: None
+
+
 # ---------------------------------------------------------------------------------------------------
 # Files
 

@@ -72,7 +72,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def freeze_branch(self, dtype: torch.dtype) -> None:
         """Cast A and (alpha / r) B to `dtype` once for the forwards that follow, until thaw_branch(): for a
-        decode, whose every token would otherwise cast them again (~5% of a CPU decode step). Only while
+        decode, whose every token would otherwise cast them again (RESULTS.md: "Sampling"). Only while
         neither changes and nothing needs their gradient: model.generate scopes it to one call."""
         self.frozen = (self.lora_A.to(dtype), (self.scaling * self.lora_B).to(dtype))
 

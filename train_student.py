@@ -185,21 +185,30 @@ def build_cache(run: Run, proxy, todo: list[int], digest: str) -> int:
     todo = sorted(todo, key=lambda i: (-len(run.encoded[i]["input_ids"]), i))
     mine, bs = todo[run.rank :: run.world], cfg.cache_batch_size
     n_batches = math.ceil(math.ceil(len(todo) / run.world) / bs)
-    records, n_tok = [], 0
-    for j in tqdm(range(n_batches), desc="proxy cache", disable=run.rank != 0, dynamic_ncols=True):
-        ids = mine[j * bs : (j + 1) * bs]
-        b = data.make_batch(ids or todo[:1], run.encoded, run.tok.pad_id, run.device)
-        labels = b["labels"]
-        top_ids, top_lps, seq = head(proxy, b["input_ids"], cfg.loss, lambda logits: pk.topk_logps(logits, labels, cfg.topk),
-                                     lambda h, w: fast.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
-        if ids:
-            rows = topk_cache.topk_rows(top_ids.cpu(), top_lps.to(DTYPES[cfg.cache_dtype]).cpu(), b["labels_cpu"])
+    records, n_tok, behind = [], 0, None
+    # one batch behind: batch j's top-k travels to the host while batch j + 1's forward runs on the device
+    for j in tqdm(range(n_batches + 1), desc="proxy cache", disable=run.rank != 0, dynamic_ncols=True):
+        ahead = None
+        if j < n_batches:
+            ids = mine[j * bs : (j + 1) * bs]
+            b = data.make_batch(ids or todo[:1], run.encoded, run.tok.pad_id, run.device)
+            labels = b["labels"]
+            top_ids, top_lps, seq = head(proxy, b["input_ids"], cfg.loss,
+                                         lambda logits: pk.topk_logps(logits, labels, cfg.topk),
+                                         lambda h, w: fast.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
+            if ids:
+                ahead = ids, b["labels_cpu"], *data.to_host(top_ids, top_lps.to(DTYPES[cfg.cache_dtype]), seq)
+        if behind is not None:
+            ids, labels_cpu, (top_ids, top_lps, seq), wait = behind
+            wait()
+            rows = topk_cache.topk_rows(top_ids, top_lps, labels_cpu)
             records += [(i, r_ids, r_lps, s) for i, (r_ids, r_lps), s in zip(ids, rows, seq.tolist())]
             n_tok += sum(r[0].shape[0] for r in rows)
-        if (j + 1) % cfg.cache_flush_every == 0:
+        if j > 0 and j % cfg.cache_flush_every == 0:  # batches j - flush_every ... j - 1 are in
             topk_cache.write_part(cfg.cache_dir, digest, records)
             records = []
             ranks.crash_point("cache_part")
+        behind = ahead
     topk_cache.write_part(cfg.cache_dir, digest, records)
     return n_tok
 
