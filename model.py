@@ -148,14 +148,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids (B, T) -> cos, sin (B, T, hd) in fp32.
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies (hd/2,) fp32, one per rotated pair."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> cos, sin (B, T, hd) in fp32. inv_freq: rope_inv_freq(head_dim, theta) on
+    position_ids' device, or None to compute it here.
 
     Computed per forward from the positions rather than kept in buffers: a buffer would be cast by
     `model.to(torch.bfloat16)` (positions > 256 then collide in bf16), would be left on the meta device by
     from_pretrained, and would have to be sized to a maximum length. Costs B*T*hd trig ops per forward.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
     return emb.cos(), emb.sin()
@@ -300,7 +308,11 @@ class Llama(nn.Module):
         S = past + T
         if position_ids is None:
             position_ids = (past + torch.arange(T, device=tokens.device)).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        inv_freq = getattr(self, "_inv_freq", None)
+        if inv_freq is None or inv_freq.device != tokens.device:
+            # a plain attribute, not a buffer (see rope_cos_sin): computed once per device, not per forward
+            inv_freq = self._inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta, tokens.device)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, inv_freq)
 
         mask = None
         if attn_mask is not None and attn_mask.dim() == 4:
