@@ -233,9 +233,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, G, S, hd)
-        # enable_gqa: query head h reads kv head h // (H // G), HF's repeat_kv grouping
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        # enable_gqa: query head h reads kv head h // (H // G), HF's repeat_kv grouping. The kernel SDPA
+        # picks on CUDA: unmasked (training, is_causal) flash, which takes GQA. Masked (generate's prefill
+        # and decode steps): flash takes no mask, the memory-efficient kernel no GQA, cuDNN is picked only
+        # on Hopper with a recent cuDNN and never under deterministic mode, so masked GQA would fall to
+        # the math kernel (fp32 upcast, the cache repeated per layer per token). So a masked GQA call
+        # repeats the kv heads here, in the activations' dtype and the same grouping (attention_extra_bytes),
+        # and the memory-efficient kernel (or cuDNN) takes it with the mask. On the CPU both forms run the
+        # flash kernel, which gives bitwise the same output for the repeated heads.
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
