@@ -458,31 +458,52 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,) long, on the logits' device. Greedy = argmax (also when
     temperature == 0).
 
     Top-p (nucleus): keep the smallest set of most likely tokens whose probability reaches top_p (the top
     token always). The uniforms come from `generator` (torch's global CPU generator when None), and the
     search runs where the logits are: a CPU generator draws the same numbers whatever device the model
-    is on, and nothing of size V crosses to the host."""
+    is on, and nothing of size V crosses to the host. u: (B,) fp64 uniforms already drawn (generate
+    draws a call's worth at once), used instead of drawing from `generator`."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         p_sorted, idx = probs.sort(dim=-1, descending=True)
-        before = p_sorted.cumsum(-1) - p_sorted  # mass of strictly more likely tokens
+        before = _cumsum_rows(p_sorted) - p_sorted  # mass of strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
     # inverse-CDF sampling: one uniform per row against the fp64 cumulative distribution. It draws from
     # the same categorical as torch.multinomial, which spends an exponential variate per vocabulary entry
     # (1 ms of a 20 ms CPU decode step at a 32k vocabulary, against 0.03 ms). A zero-probability token
     # is never drawn: its cdf equals its predecessor's, and the search is for the first cdf > u * total.
-    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device if generator is not None else "cpu",
-                   dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    cdf = _cumsum_rows(probs.to(torch.float64))  # (B, V)
+    if u is None:
+        u = torch.rand(cdf.shape[0], generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu")
+    idx = torch.searchsorted(cdf, u.to(cdf.device)[:, None] * cdf[:, -1:], right=True)
+    idx = idx.clamp(max=cdf.shape[-1] - 1)
     return idx.squeeze(-1)
+
+
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) float -> its cumulative sum along V (B, V), deterministic, in O(B V) memory."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return x.cumsum(-1)
+    # Under deterministic mode torch 2.6+ sends a CUDA floating cumsum to a port of the _refs
+    # decomposition, sum(where(tril mask, x, 0)): a (B, V, V) tensor, 8 GB per fp64 row at V = 32k. Off
+    # deterministic mode, a last-dim cumsum of two or more rows runs ATen's scan_innermost_dim kernel: one
+    # row per thread row, a fixed Sklansky tree in shared memory, no atomics, so run to run deterministic
+    # (a single row would go to cub's device-wide scan instead, whose decoupled look-back is not: it is
+    # scanned as two). On the CPU either mode is one serial loop per row.
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        return (x.expand(2, -1) if x.shape[0] == 1 else x).cumsum(-1)[: x.shape[0]]
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 @contextmanager
