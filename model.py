@@ -552,41 +552,78 @@ def generate(
     generate together) and the decode loop issues no collective: each rank stops when its own rows
     are done. all_ranks_done=True instead stops only when every rank's rows are done (an all_reduce
     per token), for models whose every forward is a collective (tensor-parallel decoding).
+
+    The decode loop never waits for the device: the prompts, mask and (from a CPU generator) the call's
+    uniforms cross to it once, and whether every row is done is read one step late, after the next
+    forward is queued. So a batch whose rows all end before max_new_tokens runs one forward more than
+    it samples from (on every rank alike). The tokens and the generator's state afterwards are those of
+    a loop that drew B uniforms per step and stopped at once.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)  # key-padding mask
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[i, L - len(p) : L] = True
+    B, L, T = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    padded = [[pad_id] * (L - len(p)) + list(p) for p in prompts]
+    tokens = _to_device(torch.tensor(padded, dtype=torch.long), device)
+    # key-padding mask (B, L + T) over prompt and new tokens: step t reads only columns < L + t + 1, all real
+    start = torch.tensor([L - len(p) for p in prompts])
+    valid = _to_device(torch.arange(L + T) >= start[:, None], device)
     # each row's positions count from its first real token, as if it were alone
     position_ids = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
 
-    with gathered(model), _frozen_branches(model):
-        cache = KVCache(L + max_new_tokens)
-        # only the last position's logits (B, V): a (B, L, V) prefill output is the decode's largest tensor
-        logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache, head_fn=_last_logits)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_p, greedy, generator)
-            nxt = nxt.masked_fill(done, pad_id)
-            out.append(nxt)
-            done = done | (nxt == eos_id)
-            if t == max_new_tokens - 1 or _all_done(done, all_ranks_done):
-                break
-            valid[:, L + t] = True
-            logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=valid[:, : L + t + 1],
-                           cache=cache, head_fn=_last_logits)
+    # A CPU generator's uniforms for the whole call, drawn at once: CPU float64 uniforms are drawn
+    # serially, one 64-bit number each (ATen's uniform_kernel is a cpu_serial_kernel), so row t is what a
+    # per-step draw of B would have been at step t. Rewound afterwards and advanced by the steps sampled.
+    gen = torch.default_generator if generator is None else generator
+    state = gen.get_state() if not (greedy or temperature == 0) and gen.device.type == "cpu" else None
+    u = None if state is None else _to_device(torch.rand(T, B, generator=gen, dtype=torch.float64), device)
+    out = []
+    try:
+        with gathered(model), _frozen_branches(model):
+            cache = KVCache(L + T)
+            # only the last position's logits (B, V): a (B, L, V) prefill output would be the largest tensor
+            logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache,
+                           head_fn=_last_logits)
+            mask = valid[:, None, None, :]  # decode step t's mask (B, 1, 1, L + t + 1) is a prefix of it
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            flags = torch.zeros(T, dtype=torch.bool, pin_memory=device.type != "cpu")  # step t: all rows done
+            flags_np, event = flags.numpy(), None if device.type == "cpu" else torch.Event(device=device)
+            for t in range(T):
+                nxt = sample_next(logits, temperature, top_p, greedy, generator, None if u is None else u[t])
+                nxt = nxt.masked_fill(done, pad_id)
+                out.append(nxt)
+                done = done | (nxt == eos_id)
+                if t == T - 1:
+                    break
+                n_open = (~done).sum()
+                if all_ranks_done:
+                    torch.distributed.all_reduce(n_open)
+                flags[t].copy_(n_open == 0, non_blocking=True)
+                if event is not None:
+                    event.record()
+                logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=mask[..., : L + t + 1],
+                               cache=cache, head_fn=_last_logits)
+                # step t's flag is read with step t + 1's forward queued behind it, so the device keeps busy
+                if event is not None:
+                    event.synchronize()
+                if flags_np[t]:
+                    break
+    finally:
+        if state is not None:
+            gen.set_state(state)
+            torch.rand(len(out) * B, generator=gen, dtype=torch.float64)
 
     if not out:
         return [[] for _ in prompts]
     new = torch.stack(out, dim=1).tolist()  # (B, steps)
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: off the CPU through pinned memory, asynchronously (a pageable copy
+    makes the host wait for it)."""
+    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
 
 
 @contextmanager
@@ -605,14 +642,6 @@ def _frozen_branches(model: nn.Module):
 
 def _last_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(h[:, -1], w)  # (B, D) -> (B, V)
-
-
-def _all_done(done: torch.Tensor, all_ranks: bool) -> bool:
-    """True when every row (of every rank, if all_ranks) has emitted eos (one host sync per decode step)."""
-    n_open = (~done).sum()
-    if all_ranks:
-        torch.distributed.all_reduce(n_open)
-    return n_open.item() == 0
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
