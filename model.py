@@ -214,6 +214,16 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def attention_extra_bytes(args: ModelArgs, rows: int, keys: int, itemsize: int) -> int:
+    """Transient bytes a masked attention call of one layer adds for GQA (Attention.forward): k and v
+    repeated from G to H heads, 2 * rows * H * keys * hd * itemsize, with keys = the cached positions plus
+    the new ones (at most prompt + max_new_tokens) and itemsize the activations'; 0 without GQA. Freed
+    before the next layer. Pass tensor-parallel args (parallel.tp_args) for a rank's share."""
+    if args.n_kv_heads == args.n_heads:
+        return 0
+    return 2 * rows * args.n_heads * keys * args.head_dim * itemsize
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
