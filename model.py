@@ -249,8 +249,9 @@ class Attention(nn.Module):
         # on Hopper with a recent cuDNN and never under deterministic mode, so masked GQA would fall to
         # the math kernel (fp32 upcast, the cache repeated per layer per token). So a masked GQA call
         # repeats the kv heads here, in the activations' dtype and the same grouping (attention_extra_bytes),
-        # and the memory-efficient kernel (or cuDNN) takes it with the mask. On the CPU both forms run the
-        # flash kernel, which gives bitwise the same output for the repeated heads.
+        # and the memory-efficient kernel takes it with the mask (generate keeps cuDNN out, which would
+        # build a graph per key count: _without_cudnn_attention). On the CPU both forms run the flash
+        # kernel, which gives bitwise the same output for the repeated heads.
         gqa = self.n_kv_heads != self.n_heads
         if gqa and mask is not None:
             rep = self.n_heads // self.n_kv_heads
@@ -502,12 +503,12 @@ def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
     """x (B, V) float -> its cumulative sum along V (B, V), deterministic, in O(B V) memory."""
     if not torch.are_deterministic_algorithms_enabled():
         return x.cumsum(-1)
-    # Under deterministic mode torch 2.6+ sends a CUDA floating cumsum to a port of the _refs
-    # decomposition, sum(where(tril mask, x, 0)): a (B, V, V) tensor, 8 GB per fp64 row at V = 32k. Off
-    # deterministic mode, a last-dim cumsum of two or more rows runs ATen's scan_innermost_dim kernel: one
-    # row per thread row, a fixed Sklansky tree in shared memory, no atomics, so run to run deterministic
-    # (a single row would go to cub's device-wide scan instead, whose decoupled look-back is not: it is
-    # scanned as two). On the CPU either mode is one serial loop per row.
+    # Under deterministic mode, torch releases with the C++ port of the _refs cumsum decomposition (late
+    # 2024; 2.11 scans instead) compute a CUDA floating cumsum as sum(where(tril mask, x, 0)): a (B, V, V)
+    # tensor, 8 GB per fp64 row at V = 32k. Off deterministic mode, a last-dim cumsum of two or more rows
+    # runs ATen's scan_innermost_dim kernel: one row per thread row, a fixed Sklansky tree in shared
+    # memory, no atomics, so run-to-run deterministic (one row would go to cub's device-wide scan, whose
+    # decoupled look-back is not: it is scanned as two). On the CPU either mode is a serial loop per row.
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
     try:
@@ -590,7 +591,7 @@ def generate(
     u = None if state is None else _to_device(torch.rand(T, B, generator=gen, dtype=torch.float64), device)
     out = []
     try:
-        with gathered(model), _frozen_branches(model):
+        with gathered(model), _frozen_branches(model), _without_cudnn_attention():
             cache = KVCache(L + T)
             # only the last position's logits (B, V): a (B, L, V) prefill output would be the largest tensor
             logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache,
@@ -634,6 +635,25 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`: off the CPU through pinned memory, asynchronously (a pageable copy
     makes the host wait for it)."""
     return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
+
+
+@contextmanager
+def _without_cudnn_attention():
+    """SDPA's cuDNN kernel off inside the block when the memory-efficient one may run instead (otherwise
+    the enabled kernels stay as they are). cuDNN builds an execution graph per new shape, and a decode
+    meets a new key count at every step: on an H200 (torch 2.11, bf16, 4 layers of dim 1024, 16 query /
+    4 kv heads), 64 new tokens for 8 prompts of lengths not seen before took 1.3 to 6.5 s with cuDNN
+    picked, 0.2 s with the memory-efficient kernel, 0.3 to 0.4 s with the math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.backends.cuda
+    if not (cuda.cudnn_sdp_enabled() and cuda.mem_efficient_sdp_enabled()):
+        yield
+        return
+    others = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()), (SDPBackend.MATH, cuda.math_sdp_enabled()))
+    keep = [SDPBackend.EFFICIENT_ATTENTION] + [b for b, on in others if on]
+    with sdpa_kernel(keep):
+        yield
 
 
 @contextmanager
