@@ -148,14 +148,22 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids (B, T) -> cos, sin (B, T, hd) in fp32.
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies (hd/2,) fp32, one per rotated pair."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> cos, sin (B, T, hd) in fp32. inv_freq: rope_inv_freq(head_dim, theta) on
+    position_ids' device, or None to compute it here.
 
     Computed per forward from the positions rather than kept in buffers: a buffer would be cast by
     `model.to(torch.bfloat16)` (positions > 256 then collide in bf16), would be left on the meta device by
     from_pretrained, and would have to be sized to a maximum length. Costs B*T*hd trig ops per forward.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
     return emb.cos(), emb.sin()
@@ -206,6 +214,16 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def attention_extra_bytes(args: ModelArgs, rows: int, keys: int, itemsize: int) -> int:
+    """Transient bytes a masked attention call of one layer adds for GQA (Attention.forward): k and v
+    repeated from G to H heads, 2 * rows * H * keys * hd * itemsize, with keys = the cached positions plus
+    the new ones (at most prompt + max_new_tokens) and itemsize the activations'; 0 without GQA. Freed
+    before the next layer. Pass tensor-parallel args (parallel.tp_args) for a rank's share."""
+    if args.n_kv_heads == args.n_heads:
+        return 0
+    return 2 * rows * args.n_heads * keys * args.head_dim * itemsize
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -225,9 +243,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, G, S, hd)
-        # enable_gqa: query head h reads kv head h // (H // G), HF's repeat_kv grouping
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        # enable_gqa: query head h reads kv head h // (H // G), HF's repeat_kv grouping. The kernel SDPA
+        # picks on CUDA: unmasked (training, is_causal) flash, which takes GQA. Masked (generate's prefill
+        # and decode steps): flash takes no mask, the memory-efficient kernel no GQA, cuDNN is picked only
+        # on Hopper with a recent cuDNN and never under deterministic mode, so masked GQA would fall to
+        # the math kernel (fp32 upcast, the cache repeated per layer per token). So a masked GQA call
+        # repeats the kv heads here, in the activations' dtype and the same grouping (attention_extra_bytes),
+        # and the memory-efficient kernel takes it with the mask (generate keeps cuDNN out, which would
+        # build a graph per key count: _without_cudnn_attention). On the CPU both forms run the flash
+        # kernel, which gives bitwise the same output for the repeated heads.
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and mask is not None:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+            gqa = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -300,7 +330,11 @@ class Llama(nn.Module):
         S = past + T
         if position_ids is None:
             position_ids = (past + torch.arange(T, device=tokens.device)).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        inv_freq = getattr(self, "_inv_freq", None)
+        if inv_freq is None or inv_freq.device != tokens.device:
+            # a plain attribute, not a buffer (see rope_cos_sin): computed once per device, not per forward
+            inv_freq = self._inv_freq = rope_inv_freq(self.args.head_dim, self.args.rope_theta, tokens.device)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, inv_freq)
 
         mask = None
         if attn_mask is not None and attn_mask.dim() == 4:
@@ -435,31 +469,52 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,) long, on the logits' device. Greedy = argmax (also when
     temperature == 0).
 
     Top-p (nucleus): keep the smallest set of most likely tokens whose probability reaches top_p (the top
     token always). The uniforms come from `generator` (torch's global CPU generator when None), and the
     search runs where the logits are: a CPU generator draws the same numbers whatever device the model
-    is on, and nothing of size V crosses to the host."""
+    is on, and nothing of size V crosses to the host. u: (B,) fp64 uniforms already drawn (generate
+    draws a call's worth at once), used instead of drawing from `generator`."""
     if greedy or temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         p_sorted, idx = probs.sort(dim=-1, descending=True)
-        before = p_sorted.cumsum(-1) - p_sorted  # mass of strictly more likely tokens
+        before = _cumsum_rows(p_sorted) - p_sorted  # mass of strictly more likely tokens
         p_sorted = p_sorted.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
     # inverse-CDF sampling: one uniform per row against the fp64 cumulative distribution. It draws from
     # the same categorical as torch.multinomial, which spends an exponential variate per vocabulary entry
     # (1 ms of a 20 ms CPU decode step at a 32k vocabulary, against 0.03 ms). A zero-probability token
     # is never drawn: its cdf equals its predecessor's, and the search is for the first cdf > u * total.
-    cdf = probs.to(torch.float64).cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device if generator is not None else "cpu",
-                   dtype=torch.float64)
-    idx = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1)
+    cdf = _cumsum_rows(probs.to(torch.float64))  # (B, V)
+    if u is None:
+        u = torch.rand(cdf.shape[0], generator=generator, dtype=torch.float64,
+                       device=generator.device if generator is not None else "cpu")
+    idx = torch.searchsorted(cdf, u.to(cdf.device)[:, None] * cdf[:, -1:], right=True)
+    idx = idx.clamp(max=cdf.shape[-1] - 1)
     return idx.squeeze(-1)
+
+
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) float -> its cumulative sum along V (B, V), deterministic, in O(B V) memory."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return x.cumsum(-1)
+    # Under deterministic mode, torch releases with the C++ port of the _refs cumsum decomposition (late
+    # 2024; 2.11 scans instead) compute a CUDA floating cumsum as sum(where(tril mask, x, 0)): a (B, V, V)
+    # tensor, 8 GB per fp64 row at V = 32k. Off deterministic mode, a last-dim cumsum of two or more rows
+    # runs ATen's scan_innermost_dim kernel: one row per thread row, a fixed Sklansky tree in shared
+    # memory, no atomics, so run-to-run deterministic (one row would go to cub's device-wide scan, whose
+    # decoupled look-back is not: it is scanned as two). On the CPU either mode is a serial loop per row.
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        return (x.expand(2, -1) if x.shape[0] == 1 else x).cumsum(-1)[: x.shape[0]]
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 @contextmanager
@@ -508,41 +563,97 @@ def generate(
     generate together) and the decode loop issues no collective: each rank stops when its own rows
     are done. all_ranks_done=True instead stops only when every rank's rows are done (an all_reduce
     per token), for models whose every forward is a collective (tensor-parallel decoding).
+
+    The decode loop never waits for the device: the prompts, mask and (from a CPU generator) the call's
+    uniforms cross to it once, and whether every row is done is read one step late, after the next
+    forward is queued. So a batch whose rows all end before max_new_tokens runs one forward more than
+    it samples from (on every rank alike). The tokens and the generator's state afterwards are those of
+    a loop that drew B uniforms per step and stopped at once.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
     device = next(model.parameters()).device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool, device=device)  # key-padding mask
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid[i, L - len(p) : L] = True
+    B, L, T = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    padded = [[pad_id] * (L - len(p)) + list(p) for p in prompts]
+    tokens = _to_device(torch.tensor(padded, dtype=torch.long), device)
+    # key-padding mask (B, L + T) over prompt and new tokens: step t reads only columns < L + t + 1, all real
+    start = torch.tensor([L - len(p) for p in prompts])
+    valid = _to_device(torch.arange(L + T) >= start[:, None], device)
     # each row's positions count from its first real token, as if it were alone
     position_ids = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
 
-    with gathered(model), _frozen_branches(model):
-        cache = KVCache(L + max_new_tokens)
-        # only the last position's logits (B, V): a (B, L, V) prefill output is the decode's largest tensor
-        logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache, head_fn=_last_logits)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
-        for t in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_p, greedy, generator)
-            nxt = nxt.masked_fill(done, pad_id)
-            out.append(nxt)
-            done = done | (nxt == eos_id)
-            if t == max_new_tokens - 1 or _all_done(done, all_ranks_done):
-                break
-            valid[:, L + t] = True
-            logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=valid[:, : L + t + 1],
-                           cache=cache, head_fn=_last_logits)
+    # A CPU generator's uniforms for the whole call, drawn at once: CPU float64 uniforms are drawn
+    # serially, one 64-bit number each (ATen's uniform_kernel is a cpu_serial_kernel), so row t is what a
+    # per-step draw of B would have been at step t. Rewound afterwards and advanced by the steps sampled.
+    gen = torch.default_generator if generator is None else generator
+    state = gen.get_state() if not (greedy or temperature == 0) and gen.device.type == "cpu" else None
+    u = None if state is None else _to_device(torch.rand(T, B, generator=gen, dtype=torch.float64), device)
+    out = []
+    try:
+        with gathered(model), _frozen_branches(model), _without_cudnn_attention():
+            cache = KVCache(L + T)
+            # only the last position's logits (B, V): a (B, L, V) prefill output would be the largest tensor
+            logits = model(tokens, position_ids=position_ids, attn_mask=valid[:, :L], cache=cache,
+                           head_fn=_last_logits)
+            mask = valid[:, None, None, :]  # decode step t's mask (B, 1, 1, L + t + 1) is a prefix of it
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            flags = torch.zeros(T, dtype=torch.bool, pin_memory=device.type != "cpu")  # step t: all rows done
+            flags_np, event = flags.numpy(), None if device.type == "cpu" else torch.Event(device=device)
+            for t in range(T):
+                nxt = sample_next(logits, temperature, top_p, greedy, generator, None if u is None else u[t])
+                nxt = nxt.masked_fill(done, pad_id)
+                out.append(nxt)
+                done = done | (nxt == eos_id)
+                if t == T - 1:
+                    break
+                n_open = (~done).sum()
+                if all_ranks_done:
+                    torch.distributed.all_reduce(n_open)
+                flags[t].copy_(n_open == 0, non_blocking=True)
+                if event is not None:
+                    event.record()
+                logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=mask[..., : L + t + 1],
+                               cache=cache, head_fn=_last_logits)
+                # step t's flag is read with step t + 1's forward queued behind it, so the device keeps busy
+                if event is not None:
+                    event.synchronize()
+                if flags_np[t]:
+                    break
+    finally:
+        if state is not None:
+            gen.set_state(state)
+            torch.rand(len(out) * B, generator=gen, dtype=torch.float64)
 
     if not out:
         return [[] for _ in prompts]
     new = torch.stack(out, dim=1).tolist()  # (B, steps)
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: off the CPU through pinned memory, asynchronously (a pageable copy
+    makes the host wait for it)."""
+    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
+
+
+@contextmanager
+def _without_cudnn_attention():
+    """SDPA's cuDNN kernel off inside the block when the memory-efficient one may run instead (otherwise
+    the enabled kernels stay as they are). cuDNN builds an execution graph per new shape, and a decode
+    meets a new key count at every step: on an H200 (torch 2.11, bf16, 4 layers of dim 1024, 16 query /
+    4 kv heads), 64 new tokens for 8 prompts of lengths not seen before took 1.3 to 6.5 s with cuDNN
+    picked, 0.2 s with the memory-efficient kernel, 0.3 to 0.4 s with the math one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.backends.cuda
+    if not (cuda.cudnn_sdp_enabled() and cuda.mem_efficient_sdp_enabled()):
+        yield
+        return
+    others = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()), (SDPBackend.MATH, cuda.math_sdp_enabled()))
+    keep = [SDPBackend.EFFICIENT_ATTENTION] + [b for b, on in others if on]
+    with sdpa_kernel(keep):
+        yield
 
 
 @contextmanager
@@ -561,14 +672,6 @@ def _frozen_branches(model: nn.Module):
 
 def _last_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(h[:, -1], w)  # (B, D) -> (B, V)
-
-
-def _all_done(done: torch.Tensor, all_ranks: bool) -> bool:
-    """True when every row (of every rank, if all_ranks) has emitted eos (one host sync per decode step)."""
-    n_open = (~done).sum()
-    if all_ranks:
-        torch.distributed.all_reduce(n_open)
-    return n_open.item() == 0
 
 
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:

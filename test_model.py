@@ -8,12 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import KVCache, Llama, ModelArgs, apply_rope, generate, rope_cos_sin, sample_next
+import model as model_module
+from model import (KVCache, Llama, ModelArgs, apply_rope, attention_extra_bytes, generate, rope_cos_sin,
+                   rope_inv_freq, sample_next)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HF_TINY = os.path.join(HERE, "testdata", "hf_tiny")
@@ -112,6 +117,53 @@ def test_gqa_attention_matches_bruteforce():
         ref = reference_attention(attn, x, pos, valid)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_gqa_attention_repeats_kv_heads_bitwise_on_cpu():
+    """A masked GQA call repeats the kv heads itself (so a GPU can run a fused kernel); on the CPU that
+    gives bitwise what SDPA's own enable_gqa gives, so CPU decoding is unchanged by the route. Its extra
+    transient is the repeated k and v: attention_extra_bytes."""
+    model = tiny()
+    attn = model.model.layers[0].self_attn
+    H, G, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    torch.manual_seed(2)
+    B, T, S = 3, 5, 9
+    x = torch.randn(B, T, model.args.dim)
+    cache = KVCache(S)
+    cache.update(0, torch.randn(B, G, S - T, hd), torch.randn(B, G, S - T, hd))
+    cache.len = S - T
+    pos = torch.arange(S - T, S).expand(B, T)
+    cos, sin = rope_cos_sin(pos, hd, 10000.0)
+    mask = torch.rand(B, 1, T, S) > 0.3
+    mask[..., S - T :] |= torch.eye(T, dtype=torch.bool)  # every query keeps a key
+    with torch.no_grad():
+        got = attn(x, cos, sin, mask, cache)
+        q = apply_rope(attn.q_proj(x).view(B, T, H, hd).transpose(1, 2), cos, sin)
+        k, v = cache.k[0][:, :, :S], cache.v[0][:, :, :S]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        want = attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+    assert torch.equal(got, want)
+    repeated = k.repeat_interleave(H // G, 1).nbytes + v.repeat_interleave(H // G, 1).nbytes
+    assert attention_extra_bytes(model.args, B, S, 4) == repeated
+    assert attention_extra_bytes(dataclasses.replace(model.args, n_kv_heads=H), B, S, 4) == 0
+
+
+def test_rope_frequencies_are_computed_once_per_device_and_stay_fp32():
+    """The inverse frequencies live in a plain attribute: not in the state dict (checkpoints unchanged),
+    not cast by .to(bfloat16), recomputed when the model's device changes."""
+    model = tiny()
+    tokens = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        first = model(tokens)
+        assert torch.equal(model(tokens), first)
+    inv = model._inv_freq
+    assert torch.equal(inv, rope_inv_freq(model.args.head_dim, model.args.rope_theta))
+    assert not any(t is inv for t in model.state_dict().values())
+    assert model.to(torch.bfloat16)._inv_freq.dtype == torch.float32
+    model._inv_freq = inv.to("meta")  # as if left on another device: replaced at the next forward
+    with torch.no_grad():
+        model(tokens)
+    assert model._inv_freq.device.type == "cpu"
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -223,6 +275,125 @@ def test_sample_next_draws_its_uniforms_on_the_host_and_searches_on_the_device()
     u = torch.rand(3, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     cdf = torch.softmax(logits, -1).double().cumsum(-1)
     assert got.tolist() == [int((c <= x * c[-1]).sum()) for c, x in zip(cdf, u[:, 0])]
+
+
+def reference_generate(model, prompts, max_new_tokens, eos_id, pad_id, generator=None, **sampling):
+    """The decode loop written plainly: per-prompt copies, B uniforms drawn by sample_next at every step,
+    the key-padding mask extended per step and passed as (B, S), and a host read of "every row done"
+    after every step (a loop that stops at once)."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, L + max_new_tokens, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p) :] = torch.tensor(p)
+        valid[i, L - len(p) : L] = True
+    pos = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+    last = lambda h, w: F.linear(h[:, -1], w)  # noqa: E731  generate's head: the last position only
+    cache, out = KVCache(L + max_new_tokens), []
+    with torch.no_grad():
+        logits = model(tokens, position_ids=pos, attn_mask=valid[:, :L], cache=cache, head_fn=last)
+        done = torch.zeros(B, dtype=torch.bool)
+        for t in range(max_new_tokens):
+            nxt = sample_next(logits, generator=generator, **sampling).masked_fill(done, pad_id)
+            out.append(nxt)
+            done = done | (nxt == eos_id)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            valid[:, L + t] = True
+            logits = model(nxt[:, None], position_ids=pos[:, -1:] + 1 + t, attn_mask=valid[:, : L + t + 1],
+                           cache=cache, head_fn=last)
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in prompts]
+    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
+
+
+def test_generate_equals_the_plain_per_step_loop_and_leaves_the_generator_alike():
+    """generate (uniforms drawn per call, the stop read one step late, a preallocated decode mask) returns
+    what the plain loop returns, bitwise, for greedy and sampled decoding, ragged prompts, eos early,
+    late or never, max_new_tokens 1; and leaves the generator where the plain loop leaves it, so several
+    calls in a row on one generator (and on torch's global one) draw the same numbers."""
+    model = tiny(seed=5, vocab_size=8)  # 8 tokens: an eos ends rows within a few steps
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 1, 2, 3, 4], [3, 3]]
+    stopped_early = 0
+    samplings = (dict(greedy=True), dict(), dict(temperature=0.8, top_p=0.7))
+    cases = [(sampling, eos, n, prompts) for sampling in samplings for eos in (2, -1) for n in (1, 12)]
+    cases += [(dict(), 2, 12, prompts[1:2]), (dict(), -1, 5, prompts[1:2])]  # one row
+    for sampling, eos, n, ps in cases:
+        g_ref, g = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        want = [reference_generate(model, ps, n, eos, 0, generator=g_ref, **sampling) for _ in range(2)]
+        got = [generate(model, ps, n, eos, 0, generator=g, **sampling) for _ in range(2)]
+        assert got == want, (sampling, eos, n, len(ps))
+        assert torch.equal(g.get_state(), g_ref.get_state())
+        stopped_early += sum(max(map(len, w)) < n - 1 for w in want)
+    assert stopped_early >= 4, stopped_early  # the one-step-late stop ran
+    torch.manual_seed(4)
+    want = [reference_generate(model, prompts, 9, 2, 0) for _ in range(2)] + [torch.rand(3)]
+    torch.manual_seed(4)
+    got = [generate(model, prompts, 9, 2, 0) for _ in range(2)] + [torch.rand(3)]
+    assert got[:2] == want[:2] and torch.equal(got[2], want[2])
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_generate_waits_for_no_device_value_and_copies_per_call(monkeypatch):
+    """In generate nothing reads a device value into Python (no _local_scalar_dense: .item(), bool(t);
+    no nonzero), and the host-to-device copies (model._to_device; torch.tensor builds host tensors) are
+    a fixed number per call, whatever max_new_tokens: the CPU side of the CUDA suite's sync count."""
+    model = tiny(seed=5)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 1, 2]]
+    calls = Counter()
+    to_device, tensor = model_module._to_device, torch.tensor
+
+    def count(name, fn):
+        def spy(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return spy
+    monkeypatch.setattr(model_module, "_to_device", count("to_device", to_device))
+    monkeypatch.setattr(torch, "tensor", count("tensor", tensor))
+    seen = {}
+    for n in (3, 17):
+        for sampling in (dict(greedy=True), dict(generator=torch.Generator().manual_seed(0))):
+            calls.clear()
+            with _OpCounter() as c:
+                out = generate(model, prompts, n, eos_id=-1, pad_id=0, **sampling)
+            assert [len(r) for r in out] == [n] * 3
+            assert c.ops["_local_scalar_dense"] == 0 and c.ops["nonzero"] == 0, c.ops
+            seen[n, "generator" in sampling] = dict(calls)
+    assert seen[3, False] == seen[17, False] and seen[3, True] == seen[17, True]
+    assert seen[3, False]["to_device"] == 2 and seen[3, True]["to_device"] == 3  # + the call's uniforms
+    with _OpCounter() as c:  # the reference's per-step host read is what the counter catches
+        reference_generate(model, prompts, 3, -1, 0)
+    assert c.ops["_local_scalar_dense"] == 2  # steps 0 and 1; the last step needs no check
+
+
+def test_sampling_cumsums_are_unchanged_under_deterministic_mode():
+    """sample_next under torch.use_deterministic_algorithms draws what it draws without (on a GPU its
+    cumulative sums leave deterministic mode for a row-wise scan, not a (B, V, V) decomposition), one
+    row or several, with and without top-p; the caller's setting, warn_only included, is restored."""
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(0)) * 3
+    for rows in (slice(0, 1), slice(0, 3)):
+        for top_p in (1.0, 0.8):
+            want = [sample_next(logits[rows], top_p=top_p, generator=torch.Generator().manual_seed(s))
+                    for s in range(20)]
+            for warn_only in (False, True):
+                torch.use_deterministic_algorithms(True, warn_only=warn_only)
+                try:
+                    got = [sample_next(logits[rows], top_p=top_p, generator=torch.Generator().manual_seed(s))
+                           for s in range(20)]
+                    assert torch.are_deterministic_algorithms_enabled()
+                    assert torch.is_deterministic_algorithms_warn_only_enabled() == warn_only
+                finally:
+                    torch.use_deterministic_algorithms(False)
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 # ---- checkpoints ----

@@ -59,7 +59,8 @@ def test_benchmark_runs(tmp_path):
 
 def test_benchmark_mfu_counts_the_matmul_weights():
     """MFU's parameter count is every weight a token is multiplied by: the block linears and the head,
-    not the embedding lookup, whether or not the head is tied to it."""
+    not the embedding lookup, whether or not the head is tied to it. A training step's FLOPs count the
+    head at scored positions only and causal attention's allowed pairs; the peak follows the GPU's name."""
     import dataclasses
 
     import torch
@@ -73,3 +74,22 @@ def test_benchmark_mfu_counts_the_matmul_weights():
         model = Llama(args)
         linears = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         assert bench.matmul_params(args) == linears  # lm_head included, once; embed_tokens is no Linear
+
+    # a training step, counted position by position: block linears everywhere, the head where scored,
+    # attention over the (query, key) pairs with key <= query
+    args = ModelArgs.from_name("tiny")
+    model = Llama(args)
+    head = model.lm_head.weight.numel()
+    blocks = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) - head
+    labels = torch.full((3, 10), -100)
+    labels[0, 4:], labels[1, 2:7], labels[2, 9:] = 1, 1, 1
+    want = 0
+    for b in range(3):
+        for t in range(10):
+            want += 4 * blocks + (4 * head if t + 1 < 10 and labels[b, t + 1] != -100 else 0)
+            for key in range(t + 1):
+                want += args.n_layers * 3 * 4 * args.n_heads * args.head_dim
+    assert bench.train_step_flops(args, labels) == want
+    assert [bench.peak_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                                           "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Tesla V100")] == \
+        [989.0, 756.0, 835.0, 989.0, 312.0, 0.0]

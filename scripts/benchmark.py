@@ -17,10 +17,12 @@ which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every line
                 decode all world x B prompts together), and their ratio, in the same run.
 Peak memory: on CUDA torch.cuda.max_memory_allocated per phase; on CPU the process's peak resident set
 (VmHWM, reset before each phase through /proc/self/clear_refs), which includes Python and torch itself.
-MFU (CUDA only): model FLOPs / (seconds * --peak_tflops). N = the parameters a token is multiplied by
-(block linears and the output head; the embedding is a lookup). Training FLOPs per token = 4 * N (forward
-2N plus the input-gradient half of the backward; the frozen base needs no weight gradients) + 12 * L * T
-* d (attention scores and values, forward + backward, without the causal discount); decode 2 * N.
+MFU (CUDA only): model FLOPs / (seconds * --peak_tflops, by default the GPU's bf16 dense peak by its name).
+A training step (train_step_flops) costs 4 FLOPs per weight and position it multiplies (forward 2 plus the
+input-gradient half of the backward; the frozen base needs no weight gradients): the block linears at
+every position, the output head only at the scored (response) positions, where the fused heads run it;
+plus attention's scores and values, 3 x 4 * H * hd per layer per (query, key) pair the causal mask allows
+(about T^2 / 2 per sequence). Decode: 2 FLOPs per weight (block linears and head) per new token.
 Writes a markdown table to stdout and --out (JSON with the same numbers next to it).
 
     python scripts/benchmark.py --compare_hf --configs mid     # ours vs transformers + peft, same process
@@ -91,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="", help="base dtypes (default: bfloat16 on CUDA, float32,bfloat16 on CPU)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up step)")
     p.add_argument("--peak_tflops", type=float, default=0.0,
-                   help="accelerator peak for MFU (default: 989 for H100/H200, 312 for A100 bf16 dense)")
+                   help="accelerator peak for MFU (default: peak_tflops of the GPU's name, bf16 dense)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
     p.add_argument("--prepass_world", type=int, default=2, help="ranks of the reference-pass sampler comparison (0 = skip it)")
     p.add_argument("--prepass_only", action="store_true", help=argparse.SUPPRESS)  # the torchrun half
@@ -141,6 +143,26 @@ def matmul_params(args: ModelArgs) -> int:
     the head); the norms are elementwise."""
     blocks = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim)
     return blocks + args.vocab_size * args.dim
+
+
+def train_step_flops(args: ModelArgs, labels: torch.Tensor) -> int:
+    """FLOPs of one LoRA training step (frozen base) over a batch whose labels (rows, T) mark the scored
+    positions (-100 elsewhere): position t is scored when labels[:, t + 1] is a response token."""
+    head = args.vocab_size * args.dim
+    rows, T = labels.shape
+    scored = int((labels[:, 1:] != -100).sum())
+    causal_pairs = rows * T * (T + 1) // 2
+    attention = 3 * 4 * args.n_layers * args.n_heads * args.head_dim * causal_pairs
+    return 4 * (matmul_params(args) - head) * rows * T + 4 * head * scored + attention
+
+
+def peak_tflops(gpu_name: str) -> float:
+    """bf16 dense peak TFLOP/s of a GPU by its torch.cuda.get_device_name, 0.0 when unknown. H100 SXM
+    ("NVIDIA H100 80GB HBM3"), H200 and GH200: 989; H100 NVL and H200 NVL: 835; H100 PCIe: 756; A100: 312."""
+    name = gpu_name.upper()
+    if "H100" in name or "H200" in name:
+        return 756.0 if "PCIE" in name else 835.0 if "NVL" in name else 989.0
+    return 312.0 if "A100" in name else 0.0
 
 
 def sync(device) -> None:
@@ -211,8 +233,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     peak.reset()
     dt = timed(lambda: tp.train_step(Run(cfg, device=device, model=model, optimizer=opt), [pb]), a.steps, device)
     row.update(proxy_tok_s=2 * B * T / dt, proxy_peak_gib=peak.gib())
-    train_flops = 4 * n_flop + 12 * args.n_layers * T * args.dim
-    row["proxy_mfu"] = train_flops * 2 * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+    flops = train_step_flops(args, pb["labels_cpu"])
+    row["proxy_mfu"] = flops / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
 
     # student step: Eq. 11 against a random top-10 cache, per-sample weights
     scfg = ts.Config(alpha=100.0)
@@ -222,7 +244,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     peak.reset()
     dt = timed(lambda: ts.student_step(Run(scfg, device=device, model=model, optimizer=opt), [sb], cache, weights), a.steps, device)
     row.update(student_tok_s=B * T / dt, student_peak_gib=peak.gib())
-    row["student_mfu"] = train_flops * B * T / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
+    flops = train_step_flops(args, sb["labels_cpu"])
+    row["student_mfu"] = flops / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
 
     # decode: B prompts of P tokens, s["new"] sampled tokens each (eos never sampled: id -1)
     prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
@@ -458,8 +481,7 @@ def main(argv=None) -> None:
     pre = prepass(a, dtypes, world, cuda) if world > 1 else []
     _, _, device = ranks.init_distributed()
     if device.type == "cuda" and not a.peak_tflops:
-        gpu = torch.cuda.get_device_name()
-        a.peak_tflops = 989.0 if ("H100" in gpu or "H200" in gpu) else 312.0 if "A100" in gpu else 0.0
+        a.peak_tflops = peak_tflops(torch.cuda.get_device_name())
     rows = []
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
