@@ -178,7 +178,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x (B, nh, T, hd), cos/sin (B, T, hd) -> x rotated, in their promoted dtype.
 
     Llama.forward passes cos/sin in the activations' dtype, as transformers does, so a bf16 model rounds
-    as HF's does (and skips an fp32 round trip of q and k per layer: ~3% of a bf16 training step on CPU).
+    as HF's does (and skips an fp32 round trip of q and k per layer; RESULTS.md, "RoPE").
     Rotate-half (HF layout), not interleaved pairs (Meta's original): HF checkpoints permute q/k weights for
     it, so loading them needs no permutation."""
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
@@ -218,7 +218,7 @@ def attention_extra_bytes(args: ModelArgs, rows: int, keys: int, itemsize: int) 
     """Transient bytes a masked attention call of one layer adds for GQA (Attention.forward): k and v
     repeated from G to H heads, 2 * rows * H * keys * hd * itemsize, with keys = the cached positions plus
     the new ones (at most prompt + max_new_tokens) and itemsize the activations'; 0 without GQA. Freed
-    before the next layer. Pass tensor-parallel args (parallel.tp_args) for a rank's share."""
+    before the next layer. Pass tensor-parallel args (tensor_parallel.tp_args) for a rank's share."""
     if args.n_kv_heads == args.n_heads:
         return 0
     return 2 * rows * args.n_heads * keys * args.head_dim * itemsize
@@ -488,7 +488,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         probs = torch.zeros_like(probs).scatter_(-1, idx, p_sorted)
     # inverse-CDF sampling: one uniform per row against the fp64 cumulative distribution. It draws from
     # the same categorical as torch.multinomial, which spends an exponential variate per vocabulary entry
-    # (1 ms of a 20 ms CPU decode step at a 32k vocabulary, against 0.03 ms). A zero-probability token
+    # (RESULTS.md, "Sampling"). A zero-probability token
     # is never drawn: its cdf equals its predecessor's, and the search is for the first cdf > u * total.
     cdf = _cumsum_rows(probs.to(torch.float64))  # (B, V)
     if u is None:
@@ -641,9 +641,8 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def _without_cudnn_attention():
     """SDPA's cuDNN kernel off inside the block when the memory-efficient one may run instead (otherwise
     the enabled kernels stay as they are). cuDNN builds an execution graph per new shape, and a decode
-    meets a new key count at every step: on an H200 (torch 2.11, bf16, 4 layers of dim 1024, 16 query /
-    4 kv heads), 64 new tokens for 8 prompts of lengths not seen before took 1.3 to 6.5 s with cuDNN
-    picked, 0.2 s with the memory-efficient kernel, 0.3 to 0.4 s with the math one."""
+    meets a new key count at every step (RESULTS.md, "GPUs": several times slower than either other
+    kernel)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cuda = torch.backends.cuda

@@ -120,6 +120,8 @@ class Run:
         starts the file with `records` (the config first) and the held-out evaluation of the untrained
         model; a resumed one keeps its lines up to the checkpoint's step."""
         self.total = total
+        if self.model is not None and records:  # where the model actually is, beside the flags that chose it
+            records[0] = {**records[0], "devices": sorted({str(p.device) for p in self.model.parameters()})}
         path = os.path.join(self.cfg.out, "metrics.jsonl")
         if self.rank == 0:
             if self.resumed:

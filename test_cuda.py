@@ -5,7 +5,10 @@ CUDA is absent; written for torch 2.11 as well as 2.13. About 5 minutes on one H
   --deterministic that ends bitwise equal to the uninterrupted run;
 - train_student.py's cache build on the GPU and Eq. 9's moments;
 - the fused heads on CUDA, in bf16 and fp32, against an fp64 CPU reference;
-- scripts/benchmark.py on one config, with MFU.
+- scripts/benchmark.py on one config, with MFU;
+- model.py on the GPU: sampling under --deterministic in O(rows x V) memory, masked GQA attention
+  without SDPA's math kernel, a fixed few syncs per generate call;
+- one wait for the host per training step of each script.
 """
 
 import dataclasses
@@ -72,8 +75,9 @@ def test_proxy_trains_on_cuda_with_both_samplers(world, proxy_run):
         assert steps and all(math.isfinite(r["loss"]) for r in steps)
         firsts = [next(r for r in steps if r.get("round") == i) for i in (1, 2, 3)]
         assert all(r["dpo"] == pytest.approx(math.log(2), abs=2e-3) for r in firsts)
-        config = next(r for r in metrics(out) if "config" in r)["config"]
-        assert config["device"] == "cuda" and config["base_dtype"] == "bfloat16"
+        record = next(r for r in metrics(out) if "config" in r)
+        assert record["config"]["base_dtype"] == "bfloat16"
+        assert record["devices"] == ["cuda:0"]  # where the parameters were, not only what the flag said
         assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
 
 
@@ -299,3 +303,132 @@ def test_generate_syncs_a_fixed_few_times_per_call_on_cuda():
             assert [len(r) for r in out] == ([0] if eos == first else [n] * len(ps))
     assert all(len(counts[name, 4]) == len(counts[name, 24]) for name in cases), counts
     assert max(map(len, counts.values())) <= 2, counts
+
+
+# ---- the training steps on the GPU: one wait for the host per step ----
+
+
+def test_training_steps_sync_once_on_cuda(tmp_path):
+    """One optimizer step of each script (the proxy's NLL + DPO, the student's Eq. 11 against cache rows
+    with weights; two micro-batches each, on an NCCL group of one) under
+    torch.cuda.set_sync_debug_mode("warn"): one synchronizing call per step, reading its all-reduced
+    metrics back, whatever the micro-batches hold: counts come from the host, cache rows and weights go
+    to the GPU pinned and non-blocking, and the fused heads know their row counts."""
+    import warnings
+
+    import torch.distributed as dist
+
+    import lora
+    import train_proxy
+    import train_student
+    from run import Run
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        g = torch.Generator().manual_seed(0)
+        V = 512
+        model = _gqa_model(torch.bfloat16)
+        model.requires_grad_(False)
+        lora.apply_lora(model, r=4, alpha=8.0)
+        model.to("cuda").train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.is_cuda for p in model.parameters())
+
+        def example(n_prompt, n_reply):
+            ids = torch.randint(1, V, (n_prompt + n_reply,), generator=g).tolist()
+            return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+
+        encoded = {i: example(5 + i, 6 + 3 * i) for i in range(5)}
+        y_hat = [example(5 + i, 4 + i) for i in range(5)]
+        groups = ([0, 1, 2], [3, 4])
+        pairs = [data.make_batch(m, encoded, 0, "cuda", extra=[y_hat[i] for i in m]) for m in groups]
+        for b in pairs:
+            b["ref_chosen"] = data.to_device(-20 * torch.rand(b["n"], generator=g), "cuda")
+            b["ref_rejected"] = data.to_device(-20 * torch.rand(b["n"], generator=g), "cuda")
+        micro = [data.make_batch(m, encoded, 0, "cuda") for m in groups]
+        n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
+        rows = {i: (torch.randint(0, V, (n[i], 4), generator=g, dtype=torch.int32),
+                    torch.log_softmax(torch.randn(n[i], 5, generator=g), -1)[:, :4].half()) for i in n}
+
+        class Cache:
+            def rows(self, ids):
+                return [rows[i] for i in ids]
+
+        steps = {"proxy": lambda: train_proxy.train_step(Run(train_proxy.Config(), device=torch.device("cuda", 0),
+                                                             model=model, optimizer=opt), pairs),
+                 "student": lambda: train_student.student_step(Run(train_student.Config(), device=torch.device("cuda", 0),
+                                                                   model=model, optimizer=opt), micro, Cache(),
+                                                               {i: 0.5 for i in encoded})}
+        opt = torch.optim.SGD(params, lr=1e-3)
+        for name, step in steps.items():
+            step()  # warm: kernels, allocator, pinned host blocks
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                     if "called a synchronizing CUDA operation" in str(w.message)]
+            assert out.finite and len(syncs) == 1, (name, syncs)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the memory plan against what the GPU allocates ----
+
+
+def test_memory_plan_holds_on_cuda(tmp_path):
+    """torch.cuda.max_memory_allocated of a proxy training step (NLL + DPO over [y; y_hat], Adam, bf16
+    base) and of a decode (gathered: generate with a KV cache), each at one rank, against
+    memory_plan.plan_proxy's peaks for the same shapes. Required: within 15% either way. The plan counts
+    what a phase holds at its peak (weights, LoRA with its gradient and Adam's two moments, the
+    activations autograd saves, the head's (chunk, V) block, the KV cache, a prefill's largest temporaries);
+    it leaves out the allocator's rounding and a backward's short-lived input gradients, a few percent at
+    these sizes (the trace of --plan --trace sees the same gap on the CPU)."""
+    import torch.distributed as dist
+
+    import lora
+    import memory_plan
+    import train_proxy
+    from model import generate
+    from run import Run
+
+    args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000)
+    B, T, P, gen_rows, new = 2, 512, 128, 8, 32
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        torch.manual_seed(0)
+        model = lora.apply_lora(Llama(args).to(torch.bfloat16), r=8, alpha=16)
+        model.to("cuda")
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        g = torch.Generator().manual_seed(0)
+        encoded = {i: {"input_ids": (ids := torch.randint(4, args.vocab_size, (T,), generator=g).tolist()),
+                       "labels": [-100] * P + ids[P:]} for i in range(2 * B)}
+        batch = data.make_batch(list(range(B)), encoded, 0, "cuda", extra=[encoded[i] for i in range(B, 2 * B)])
+        batch["ref_chosen"] = batch["ref_rejected"] = torch.zeros(B, device="cuda")
+        run = Run(train_proxy.Config(), device=torch.device("cuda", 0), model=model, optimizer=opt)
+        plan = memory_plan.plan_proxy(args, 1, base_itemsize=2, lora_r=8, batch_size=B, max_len=T,
+                                      gen_batch_size=gen_rows, max_new_tokens=new)
+
+        def peak(fn):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+
+        train_proxy.train_step(run, [batch])  # Adam's moments exist from the first step on
+        got = {"train step": peak(lambda: train_proxy.train_step(run, [batch]))}
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        prompts = torch.randint(4, args.vocab_size, (gen_rows, T), generator=g).tolist()
+        got["gathered decode"] = peak(lambda: generate(model, prompts, new, eos_id=-1, pad_id=0,
+                                                       generator=torch.Generator().manual_seed(0)))
+        for phase, used in got.items():
+            print(f"{phase}: allocated at most {used / 2**30:.3f} GiB, planned {plan.phases[phase] / 2**30:.3f} GiB",
+                  flush=True)
+            assert abs(used / plan.phases[phase] - 1) <= 0.15, (phase, used, plan.phases[phase])
+    finally:
+        dist.destroy_process_group()

@@ -450,6 +450,7 @@ def test_tied_embeddings_round_trip(tmp_path):
 
 FSDP_SCRIPT = textwrap.dedent("""
     import datetime, os, sys, torch, torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     sys.path.insert(0, {here!r})
     from test_model import tiny
@@ -464,9 +465,10 @@ FSDP_SCRIPT = textwrap.dedent("""
     want = [w[: w.index(eos)] if eos in w else w for w in want]
     dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (2,))  # the mesh of the device the tensors are on, as sharding.py does
     for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     got = generate(model, prompts, 6, eos_id=eos, pad_id=0, greedy=True)
     assert got == want, (rank, got, want)
     # parameters resharded afterwards, and a training-style forward/backward still works

@@ -2,6 +2,8 @@
 timeouts (a stuck rank stops the run; the known-long phases may wait), the host syncs of a training step,
 and the stop when no sampler fits the memory plan."""
 
+import os
+import sys
 import time
 
 import pytest
@@ -78,9 +80,13 @@ def test_stuck_rank_times_out_and_long_phases_may_wait(world):
     assert 9 < time.time() - t0 < 120, "a stuck rank must not hang the others for the default timeout"
 
 
+STEP_CODE = ("train_proxy.py", "train_student.py", "fast.py", "proxykd.py", "run.py", "model.py", "lora.py")
+
+
 class HostTraffic(TorchDispatchMode):
     """Counts what would make a GPU wait for the host, or the host for a GPU, on the CPU where neither
-    waits: reads of a device value (`syncs`: a scalar read, nonzero's data-dependent size), and copies of
+    waits: reads of a device value (`syncs`: a scalar read or a truth test, nonzero's data-dependent size,
+    tolist / cpu / numpy), and copies of
     host data to the device (`stray`: torch.tensor(..., device=...) and Tensor.to(<device>), pageable and
     blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On
     the CPU every tensor is a host tensor, so any Tensor.to(<device>) outside data.to_device counts."""
@@ -108,9 +114,19 @@ class HostTraffic(TorchDispatchMode):
             finally:
                 sanctioned.pop()
 
+        def reads(name):  # reads of a whole tensor, which on the CPU dispatch no op: counted where the step's
+            real = getattr(torch.Tensor, name)  # own code does them (the cache's host rows are host tensors)
+
+            def read(t, *args, **kwargs):
+                self.syncs += os.path.basename(sys._getframe(1).f_code.co_filename) in STEP_CODE
+                return real(t, *args, **kwargs)
+            monkeypatch.setattr(torch.Tensor, name, read)
+
         monkeypatch.setattr(torch, "tensor", tensor)
         monkeypatch.setattr(torch.Tensor, "to", to)
         monkeypatch.setattr(data, "to_device", to_device)
+        for name in ("tolist", "cpu", "numpy"):
+            reads(name)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):

@@ -93,3 +93,14 @@ def test_benchmark_mfu_counts_the_matmul_weights():
     assert [bench.peak_tflops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
                                            "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Tesla V100")] == \
         [989.0, 756.0, 835.0, 989.0, 312.0, 0.0]
+
+
+def test_gpu_check_says_so_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh on a machine (or a process) without a GPU: one line saying so, exit 0, no file."""
+    out = str(tmp_path / "gpu_check.md")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), out], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines() == ["gpu_check.sh: no CUDA GPU visible to torch here; nothing to check"]
+    assert not os.path.exists(out)

@@ -1,6 +1,7 @@
-"""tensor_parallel.py, sharding.py and memory_plan.py at world size 2 on CPU (gloo): tensor-parallel greedy decode == single-process generate
-on the same weights with the LoRA merged, token for token; each rank holds 1/world of the block weights
-and of the KV cache; per-rank loading from safetensors gives the checkpoint's values; the memory plan's
+"""tensor_parallel.py, sharding.py and memory_plan.py at world size 2 on CPU (gloo): FSDP2 shards over a
+mesh of the chosen device; tensor-parallel greedy decode == single-process generate on the same weights
+with the LoRA merged, token for token; each rank holds 1/world of the block weights and of the KV cache;
+per-rank loading from safetensors gives the checkpoint's values; the memory plan's
 parameter bytes are the bytes FSDP2 allocates; the proxy is freed; the streaming merged export equals
 the in-memory one; train_proxy.py's two samplers give the same run.
 
@@ -47,7 +48,11 @@ def worker(ckpt: str) -> None:
 
     rank, world, device = ranks.init_distributed()  # the scripts' own choice of device
     torch.manual_seed(0)
+    meshes, fully_shard = [], sharding.fully_shard  # every fully_shard gets the mesh of the chosen device
+    sharding.fully_shard = lambda module, **kw: meshes.append(kw.get("mesh")) or fully_shard(module, **kw)
     model = sharding.shard_model(sharding.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
+    sharding.fully_shard = fully_shard
+    assert len(meshes) == ARGS.n_layers + 1 and all(m is not None and m.device_type == device.type for m in meshes)
     # a trained-looking adapter: B != 0 (the same values on every rank, each keeps its rows)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -312,10 +312,11 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
     sums[7] = sum(b["n_fwd"] for b in batches)  # a host count: filled in, not copied
     dist.all_reduce(sums)
     sums[:3] /= run.world  # each rank's losses were scaled up by world (see above)
-    if torch.isfinite(sums[:3]).all():
+    out = ProxyStep(*sums.tolist())  # the step's one wait for the device
+    if out.finite:  # on every rank alike: the sums are all-reduced
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return ProxyStep(*sums.tolist())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
