@@ -13,7 +13,6 @@ sequence log-probs over response tokens.
 import itertools
 import os
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -200,7 +200,7 @@ def batch(B: int, T: int, prompt: int, vocab: int, device, n: int | None = None)
     labels[:, :prompt] = -100
     n = B if n is None else n
     return {"input_ids": ids.to(device), "labels": labels.to(device), "labels_cpu": labels, "n": n,
-            "n_tokens": n * (T - prompt), "n_fwd": float(B * T), "ids": list(range(n))}
+            "n_tokens": n * (T - prompt), "n_rows": B * (T - prompt), "n_fwd": float(B * T), "ids": list(range(n))}
 
 
 class RandomCache:
