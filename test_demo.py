@@ -326,3 +326,33 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
     assert n == len(ex["rows"])
     assert got["kl"] == pytest.approx(kl / n, rel=1e-9)
     assert got["teacher_top1"] == pytest.approx(agree / n, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scripts/demo.py's validation set
+
+
+def test_validation_set_shares_no_prompt_with_d_s_or_the_held_out_set(tmp_path):
+    """make_world's validation.jsonl, in a world whose problems are few enough that the validation seed's
+    own draw repeats teacher and held-out prompts: none of those survive, and the set is still full,
+    of distinct prompts, the teacher's replies, and the same when written again."""
+    demo = load_script("demo")
+    ranges = dict(steps=(1, 1), start=(2, 4), k=(1, 3))
+    a = demo.parse_args(["--n_teacher", "300", "--n_eval", "100", "--n_val", "100", "--n_pretrain", "60"])
+    w = demo.make_world(a, str(tmp_path / "world"), ranges)
+    teacher, heldout, val = (data.read_jsonl(w[k]) for k in ("teacher", "heldout", "validation"))
+    d_s = {teacher[i].prompt for i in data.split_indices(len(teacher), 0)["student"]}
+    test = {e.prompt for e in heldout}
+    raw = demo_world.make_demo_prompts(100, seed=3, **ranges)
+    assert set(raw) & d_s and set(raw) & test, "the raw draw must collide with both, or this shows nothing"
+    prompts = [e.prompt for e in val]
+    assert len(prompts) == len(set(prompts)) == 100
+    assert not set(prompts) & (d_s | test | {e.prompt for e in teacher})
+    assert all(e.response in demo_world.demo_teacher_replies(e.prompt) for e in val)
+    taken = {e.prompt for e in teacher + heldout}
+    again = demo_world.write_fresh_jsonl(str(tmp_path / "again.jsonl"), 100, 3, taken, **ranges)
+    assert open(again, "rb").read() == open(w["validation"], "rb").read()
+    with pytest.raises(ValueError, match="new prompts"):  # 8 names x 8 items x 6 verbs: 384 prompts in all
+        demo_world.write_fresh_jsonl(str(tmp_path / "full.jsonl"), 385, 3, set(), steps=(1, 1), start=(2, 2),
+                                     k=(1, 1))
+

@@ -104,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished steps")
     p.add_argument("--n_teacher", type=int, default=3000, help="teacher examples (D_w 10%%, D_p 45%%, D_s 45%%)")
     p.add_argument("--n_eval", type=int, default=500, help="held-out prompts")
+    p.add_argument("--n_val", type=int, default=200,
+                   help="validation prompts (model selection; none in the teacher data or the held-out set)")
     p.add_argument("--n_pretrain", type=int, default=20000, help="pretraining corpus size (base style)")
     p.add_argument("--teacher_share", type=float, default=0.2, help="share of teacher-style replies in pretraining")
     p.add_argument("--pretrain_steps", type=int, default=800, help="optimizer steps of each base (batch 64)")
@@ -144,11 +146,12 @@ def parse_args(argv=None):
 
 
 def make_world(a, d: str, ranges: dict | None = None, rich: bool = False) -> dict:
-    """Teacher data, held-out set, pretraining corpus, tokenizer -> paths (each written once). ranges:
+    """Teacher data, held-out set, validation set, pretraining corpus, tokenizer -> paths (each written
+    once; the validation set after the others, so they are the same with or without it). ranges:
     demo_world.make_demo_prompts's problem sizes (None: the main world's); rich: the richer teacher."""
     ranges = ranges or {}
     paths = dict(teacher=f"{d}/teacher.jsonl", heldout=f"{d}/heldout.jsonl", pretrain=f"{d}/pretrain.jsonl",
-                 tok=f"{d}/tok.model", rich=rich)
+                 tok=f"{d}/tok.model", rich=rich, validation=f"{d}/validation.jsonl")
     if not os.path.exists(paths["teacher"]):
         demo_world.write_demo_jsonl(paths["teacher"], a.n_teacher, seed=0, rich=rich, **ranges)
     if not os.path.exists(paths["heldout"]):
@@ -163,6 +166,10 @@ def make_world(a, d: str, ranges: dict | None = None, rich: bool = False) -> dic
         data.atomic_write(paths["pretrain"], "".join(lines))
     if not os.path.exists(paths["tok"]):
         demo_world.train_demo_tokenizer([paths["teacher"], paths["pretrain"]], paths["tok"][: -len(".model")])
+    if not os.path.exists(paths["validation"]):
+        # for model selection (--regime's early stopping): problems neither trained on nor reported
+        taken = {e.prompt for path in (paths["teacher"], paths["heldout"]) for e in data.read_jsonl(path)}
+        demo_world.write_fresh_jsonl(paths["validation"], a.n_val, seed=3, exclude=taken, rich=rich, **ranges)
     return paths
 
 

@@ -18,7 +18,8 @@ sequences (teacher_next_token_dists); demo_teacher_replies enumerates the defaul
 whole, a brute-force check of that computation.
 
 Also here: demo_base_reply (the demo bases' pretraining style), write_demo_jsonl (teacher data as the
-JSONL data.read_jsonl reads) and train_demo_tokenizer (a small sentencepiece model; with real data,
+JSONL data.read_jsonl reads), write_fresh_jsonl (the same, on prompts no other set holds) and
+train_demo_tokenizer (a small sentencepiece model; with real data,
 use the base model's own tokenizer.model). Importable as `demo_world` (scripts/ on sys.path, as for
 scripts/demo.py) or as `scripts.demo_world` (from the repository root, as in the tests).
 """
@@ -290,6 +291,30 @@ def write_demo_jsonl(path: str, n: int, seed: int, rich: bool = False, **ranges)
     lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n"
              for p in make_demo_prompts(n, seed, **ranges)]
     atomic_write(path, "".join(lines).encode("utf-8"))
+    return path
+
+
+def write_fresh_jsonl(path: str, n: int, seed: int, exclude: set[str], rich: bool = False, **ranges) -> str:
+    """Like write_demo_jsonl, but no prompt is in `exclude` (prompt texts: the training and test sets')
+    and none occurs twice, for a model-selection set that shares no problem with the data it selects
+    on or reports. Random problems can repeat, so candidates are make_demo_prompts(m, seed) in order
+    (its first prompts stay the same as m grows): a candidate seen before is skipped, and m doubles
+    until n are left. Deterministic in (n, seed, exclude, rich, ranges);
+    ValueError if the ranges cannot give n new prompts."""
+    m, kept = n, []
+    while len(kept) < n:
+        if m > 64 * (n + len(exclude)):  # a space this crowded would take long to fill, if it can at all
+            raise ValueError(f"only {len(kept)} of {n} new prompts in the first {m // 2} draws "
+                             f"(ranges {ranges or 'the defaults'})")
+        kept, seen = [], set(exclude)
+        for p in make_demo_prompts(m, seed, **ranges):
+            if p not in seen and len(kept) < n:
+                kept.append(p)
+            seen.add(p)
+        m *= 2
+    rng = np.random.default_rng([seed, 0x7EAC])
+    atomic_write(path, "".join(json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n"
+                               for p in kept).encode("utf-8"))
     return path
 
 
