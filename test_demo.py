@@ -329,7 +329,7 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# scripts/demo.py's validation set
+# scripts/demo.py's validation set and paired statistics
 
 
 def test_validation_set_shares_no_prompt_with_d_s_or_the_held_out_set(tmp_path):
@@ -355,4 +355,66 @@ def test_validation_set_shares_no_prompt_with_d_s_or_the_held_out_set(tmp_path):
     with pytest.raises(ValueError, match="new prompts"):  # 8 names x 8 items x 6 verbs: 384 prompts in all
         demo_world.write_fresh_jsonl(str(tmp_path / "full.jsonl"), 385, 3, set(), steps=(1, 1), start=(2, 2),
                                      k=(1, 1))
+
+
+def t_density_integral(t: float, df: int, n: int = 20_001) -> float:
+    """P(|T| >= |t|) by Simpson's rule on Student's t density over [0, |t|] (the density from its
+    definition with math.lgamma; nothing shared with the closed forms under test)."""
+    x = np.linspace(0.0, abs(t), n)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    f = np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df))
+    h = x[1] - x[0]
+    inside = h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    return 1.0 - 2.0 * inside
+
+
+def test_t_test_p_value_equals_integrated_density():
+    demo = load_script("demo")
+    for df in range(1, 13):
+        for t in (0.0, 0.3, -1.0, 2.0, 2.776, -4.5, 9.0):
+            assert demo.t_two_sided_p(t, df) == pytest.approx(t_density_integral(t, df), abs=1e-9), (t, df)
+    assert demo.t_two_sided_p(math.inf, 3) == 0.0
+    with pytest.raises(ValueError):
+        demo.t_two_sided_p(1.0, 2.5)
+
+
+def test_paired_differences_against_a_plain_loop():
+    """mean, se, t, df and p of demo.paired against the textbook formulas written out, over seeds whose
+    values differ across the two arms by a seed effect both share (which pairing removes)."""
+    demo = load_script("demo")
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 8):
+        seed_effect = rng.normal(size=n)
+        runs = [{"kl": float(s + 0.3 + 0.1 * rng.normal())} for s in seed_effect]
+        ref = [{"kl": float(s + 0.1 * rng.normal())} for s in seed_effect]
+        got = demo.paired(runs, ref, "kl")
+        d = [r["kl"] - q["kl"] for r, q in zip(runs, ref)]
+        mean = sum(d) / n
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+        assert (got["n"], got["df"]) == (n, n - 1)
+        assert got["mean"] == pytest.approx(mean, rel=1e-12) and got["se"] == pytest.approx(se, rel=1e-12)
+        assert got["t"] == pytest.approx(mean / se, rel=1e-12)
+        assert got["p"] == pytest.approx(t_density_integral(mean / se, n - 1), abs=1e-9)
+    one = demo.paired([{"kl": 1.0}], [{"kl": 0.5}], "kl")
+    assert one["mean"] == 0.5 and one["se"] is one["t"] is one["p"] is None, "one seed: no se, no test"
+    assert demo.fmt_paired(one, pct=False) == "0.500"
+    same = demo.paired([{"kl": 1.0}, {"kl": 2.0}], [{"kl": 0.5}, {"kl": 1.5}], "kl")
+    assert same["se"] == 0 and same["t"] == math.inf and same["p"] == 0.0
+
+
+def test_holm_against_adjusted_p_values():
+    """demo.holm rejects exactly the hypotheses whose Holm-adjusted p-value, max over the j-th smallest
+    p up to this one of min(1, (m - j) p_j), is at most the level."""
+    demo = load_script("demo")
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        m = int(rng.integers(1, 12))
+        ps = {f"c{i}": float(p) for i, p in enumerate(rng.uniform(0, 0.2, m) ** 2)}
+        ps["no test"] = None  # a comparison with one seed: not counted
+        ranked = sorted((p, k) for k, p in ps.items() if p is not None)
+        adjusted, running = {}, 0.0
+        for j, (p, k) in enumerate(ranked):
+            running = max(running, min(1.0, (m - j) * p))
+            adjusted[k] = running
+        assert demo.holm(ps, 0.05) == {k for k, v in adjusted.items() if v <= 0.05}, (trial, ps)
 

@@ -296,7 +296,8 @@ def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     """The teacher's exact next-token distributions on the teacher's replies to the first n held-out
     prompts (demo_world.teacher_next_token_dists) -> dict(batch: collate dict, rows (N,) and cols (N,):
     where each response token's prediction sits in the (B, T - 1) shifted grid, probs (N, V) fp64: the
-    teacher's distribution there, entropy and branching: demo_world.teacher_entropy of them)."""
+    teacher's distribution there, entropy and branching: demo_world.teacher_entropy of them, n_positions
+    N and n_branching: how many of them have more than one possible token)."""
     held_out = data.read_jsonl(w["heldout"])[:n]
     encoded, rows, cols, dists = [], [], [], []
     for b, e in enumerate(held_out):
@@ -313,7 +314,8 @@ def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
         probs[i, list(d)] = torch.tensor(list(d.values()), dtype=torch.float64)
     entropy, branching = demo_world.teacher_entropy(dists)
     return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols), probs=probs,
-                entropy=entropy, branching=branching)
+                entropy=entropy, branching=branching, n_positions=len(dists),
+                n_branching=sum(len(d) > 1 for d in dists))
 
 
 def exact_metrics(model, ex: dict, device) -> dict:
@@ -411,6 +413,91 @@ def delta(runs: list[dict], ref: list[dict], k: str) -> tuple[float, float]:
 def fmt_delta(d: float, se: float, pct: bool = True) -> str:
     """A difference ± its standard error, starred where it exceeds two standard errors."""
     return fmt(d, se, pct=pct) + (" *" if abs(d) > 2 * se else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# paired statistics: the arms of a study share their seeds (LoRA init and batch order), so a difference
+# is taken seed by seed and tested by the paired t-test
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with df (integer >= 1) degrees of freedom. Closed forms in theta =
+    atan(|t| / sqrt(df)) (Abramowitz & Stegun 26.7.3-4): P(|T| < |t|) is 2/pi (theta + sin cos (1 +
+    2/3 cos^2 + 2*4/(3*5) cos^4 + ... up to cos^(df-3))) for odd df, sin (1 + 1/2 cos^2 + 1*3/(2*4)
+    cos^4 + ... up to cos^(df-2)) for even df."""
+    if df < 1 or df != int(df):
+        raise ValueError(f"df must be a positive integer, got {df}")
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, series, term = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:
+        for j in range(1, (df - 1) // 2):
+            term *= 2 * j / (2 * j + 1) * c2
+            series += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * series if df > 1 else 0.0))
+    else:
+        for j in range(1, df // 2):
+            term *= (2 * j - 1) / (2 * j) * c2
+            series += term
+        inside = math.sin(theta) * series
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def paired(runs: list[dict], ref: list[dict], k: str) -> dict:
+    """runs[i][k] - ref[i][k] over the seeds i the two lists share (same order) -> n, mean, se (standard
+    error of the mean difference), t = mean / se, df = n - 1 and p (two-sided paired t-test); se, t, df
+    and p are None under two seeds. All-equal differences: p 1 when they are 0, else 0."""
+    diffs = [r[k] - q[k] for r, q in zip(runs, ref) if r.get(k) is not None and q.get(k) is not None]
+    n = len(diffs)
+    out = dict(n=n, mean=float(np.mean(diffs)) if diffs else None, se=None, t=None, df=None, p=None)
+    if n >= 2:
+        se = float(np.std(diffs, ddof=1)) / math.sqrt(n)
+        t = out["mean"] / se if se > 0 else (math.inf if out["mean"] else 0.0)
+        out.update(se=se, t=t, df=n - 1, p=t_two_sided_p(t, n - 1))
+    return out
+
+
+def holm(pvalues: dict, level: float = 0.05) -> set:
+    """Holm-Bonferroni over the m comparisons with a p-value: the keys whose test rejects, the family-wise
+    error rate held at `level`. Sorted by p, the i-th smallest (i from 0) is rejected while every p up
+    to it is at most level / (m - i)."""
+    ranked = sorted((p, i, key) for i, (key, p) in enumerate(pvalues.items()) if p is not None)
+    out = set()
+    for i, (p, _, key) in enumerate(ranked):
+        if p > level / (len(ranked) - i):
+            break
+        out.add(key)
+    return out
+
+
+def fmt_paired(d: dict, pct: bool = True, star: bool = False) -> str:
+    """A paired difference: mean ± se (t, p), starred where its test rejects; under two seeds the mean."""
+    if d["mean"] is None:
+        return "-"
+    if d["se"] is None:
+        return fmt(d["mean"], pct=pct)
+    t = "∞" if math.isinf(d["t"]) else f"{d['t']:.1f}"
+    p = "p < 0.001" if d["p"] < 0.001 else f"p {d['p']:.3f}"
+    return fmt(d["mean"], d["se"], pct=pct) + f" (t {t}, {p})" + (" *" if star else "")
+
+
+def paired_footer(what: str, seeds: int, comps: dict, family: str) -> str:
+    """The table footer's account of its Δ columns and their test (comps: the table's paired() results)."""
+    if seeds < 2:
+        return f"Δ = {what}; one seed: no standard error, no test, no star."
+    m = sum(d["p"] is not None for d in comps.values())
+    return (f"Δ = {what}: the mean over seeds of the per-seed difference (the arms share each seed's LoRA "
+            f"init and batch order) ± its standard error; t = Δ / se on {seeds - 1} degrees of freedom, p "
+            f"two-sided; * where the paired t-test rejects at 5% after Holm-Bonferroni over the table's {m} "
+            f"comparisons ({family}).")
+
+
+def exact_kl_footer(n_exact: int) -> str:
+    return (f"Exact KL is averaged over the teacher's sampled replies to the first {n_exact} held-out "
+            f"prompts, the same replies for every model: the seed spread, the se and the tests do not "
+            f"include the sampling error of those replies (nor, for any metric, that of the held-out "
+            f"prompts).")
 
 
 def evaluate_all(models: dict, w: dict, tok: data.Tokenizer, device, a, evals_path: str) -> dict:
@@ -523,14 +610,22 @@ def run_sweep(a, out: str, device, t0: float) -> None:
             models[f"{v} n{n}"] = [f"{d}/n{n}/students/{v}_seed{s}/final" for s in range(a.seeds)]
     rows = evaluate_all(models, w, tok, device, a, f"{d}/evals.json")
 
+    comps = {(n, k): paired(rows[f"proxykd n{n}"], rows[f"bbkd n{n}"], k)
+             for n in budgets for k in ("exact_match", "kl")}
+    stars = holm({key: d["p"] for key, d in comps.items()})
+    ex = exact_teacher(w, tok, a.n_exact)
+
     def cell(label, k, pct=True):
         return fmt(*mean_std(rows[label], k), pct=pct)
 
-    def diff(k, n, pct=True):  # Proxy-KD minus black-box KD, ± the standard error of that difference
-        return fmt_delta(*delta(rows[f"proxykd n{n}"], rows[f"bbkd n{n}"], k), pct=pct)
+    def diff(k, n, pct=True):  # Proxy-KD minus black-box KD, seed by seed
+        return fmt_paired(comps[n, k], pct, (n, k) in stars)
 
-    lines = [f"| model | params | exact match % | any form % | exact KL / token | top-1 = teacher's argmax % |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Teacher: entropy {ex['entropy']:.3f} nat per token; {ex['n_branching']:,} of "
+             f"{ex['n_positions']:,} positions ({fmt(ex['branching'])}%) branch, on its replies to the first "
+             f"{a.n_exact} held-out prompts.", ""]
+    lines += ["| model | params | exact match % | any form % | exact KL / token | top-1 = teacher's argmax % "
+              "|", "|---|---:|---:|---:|---:|---:|"]
     for label in ("proxy base", "student base"):
         r = rows[label][0]
         lines.append(f"| {label} (pretrained) | {r['params']} | {fmt(r['exact_match'])} | {fmt(r['any_form'])} | "
@@ -544,12 +639,17 @@ def run_sweep(a, out: str, device, t0: float) -> None:
                      f"{cell(f'bbkd n{n}', 'exact_match')} | {cell(f'proxykd n{n}', 'exact_match')} | {diff('exact_match', n)} | "
                      f"{cell(f'bbkd n{n}', 'kl', False)} | {cell(f'proxykd n{n}', 'kl', False)} | {diff('kl', n, False)} | "
                      f"{cell(f'bbkd n{n}', 'any_form')} | {cell(f'proxykd n{n}', 'any_form')} |")
-    lines += ["", f"Held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Students: mean ± std over {a.seeds} "
-              f"seeds; Δ = Proxy-KD minus black-box KD ± the standard error of the difference; * marks |Δ| > 2 se."]
+    test = paired_footer("Proxy-KD minus black-box KD", a.seeds, comps, "exact match and exact KL per budget")
+    lines += ["", f"Held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Students: mean ± std "
+              f"over {a.seeds} seeds. {test} {exact_kl_footer(a.n_exact)}"]
     minutes = (time.time() - t0) / 60
     header = (f"Proxy-KD demo --sweep ({SWEEP_RANGES}, k = {a.rounds}, alpha = {a.alpha}, {a.threads} CPU threads, "
               f"{minutes:.1f} min)\n")
-    write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
+    teacher = {k: ex[k] for k in ("entropy", "branching", "n_branching", "n_positions")}
+    comparisons = [dict(budget=n, metric=k, star=(n, k) in stars, **d) for (n, k), d in comps.items()]
+    write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes,
+                                                           "teacher": teacher, "comparisons": comparisons,
+                                                           "rows": rows})
 
 
 # ---------------------------------------------------------------------------------------------------
