@@ -5,6 +5,7 @@ column uses) against sampling frequencies and the chain rule, and the demo token
 import collections
 import hashlib
 import itertools
+import json
 import math
 import os
 import re
@@ -329,7 +330,7 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# scripts/demo.py's validation set and paired statistics
+# scripts/demo.py's validation set, paired statistics and --regime bookkeeping
 
 
 def test_validation_set_shares_no_prompt_with_d_s_or_the_held_out_set(tmp_path):
@@ -418,3 +419,103 @@ def test_holm_against_adjusted_p_values():
             adjusted[k] = running
         assert demo.holm(ps, 0.05) == {k for k, v in adjusted.items() if v <= 0.05}, (trial, ps)
 
+
+def test_regime_schedule_counts_train_students_steps():
+    """demo.regime_schedule's epochs and steps per epoch give the optimizer steps train_student.py takes
+    (plumbing.plan_steps over the first N examples), and its first evaluation interval falls at least
+    once per epoch and at least about REGIME_MIN_EVALS times per run."""
+    import plumbing
+    demo = load_script("demo")
+    for n_teacher, batch, nproc in ((3000, 16, 1), (600, 16, 1), (3000, 8, 2)):
+        a = demo.parse_args(["--n_teacher", str(n_teacher), "--batch_size", str(batch),
+                             "--nproc", str(nproc)])
+        d_s = data.split_indices(n_teacher, 0)["student"]
+        for n in [n for n in (1, 40, 150, 450) if n < len(d_s)] + [len(d_s)]:
+            epochs, per_epoch, every = demo.regime_schedule(a, n, len(d_s))
+            cfg = type("Cfg", (), {"batch_size": batch, "grad_accum": 1, "seed": 0})
+            steps = len(plumbing.plan_steps(d_s[:n], cfg, 0, nproc, range(epochs)))
+            assert steps == epochs * per_epoch and abs(epochs * n - len(d_s)) <= n / 2
+            assert 1 <= every <= per_epoch and (every == 1 or steps // every >= demo.REGIME_MIN_EVALS)
+
+
+def test_kept_evaluation_read_from_metrics(tmp_path):
+    """demo.kept_eval / kept_too_early / kept_model / weights_mean on the metrics.jsonl lines a --keep_best
+    student writes: the kept step is flagged exactly when it is the first or second evaluation."""
+    demo = load_script("demo")
+    for best in (0, 3, 6, 9, 12):
+        run = tmp_path / f"best{best}"
+        run.mkdir()
+        lines = [{"step": 0, "config": {}}, {"step": 0, "phase": "weights", "w_mean": 0.47, "mu": -9.0}]
+        lines += [{"step": s, "eval_nll": 1.0 - 0.1 * (s == best)} for s in (0, 3, 6, 9)]
+        lines += [{"step": 12, "eval_nll": 1.0 - 0.1 * (best == 12)}, {"step": 12, "best_step": best,
+                                                                          "best_eval_nll": 0.9}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        kept = demo.kept_eval(str(run))
+        assert kept == dict(best_step=best, best_eval_nll=0.9, last_step=12, eval_steps=[0, 3, 6, 9, 12])
+        assert demo.kept_too_early(kept) == (best in (0, 3))
+        assert demo.kept_model(str(run)) == f"{run}/" + ("final" if best == 12 else "best/final")
+        assert demo.weights_mean(str(run)) == 0.47
+
+
+def test_regime_tables_star_exactly_holms_rejections(tmp_path, monkeypatch):
+    """demo.write_regime on synthetic per-seed metrics (2 teachers x 2 sizes x 5 seeds, the -weights arms in
+    one cell, one run keeping its first evaluation): the comparisons it counts are every Δ of the
+    early-stopped and -weights tables, each Δ is the per-seed mean difference of its rows, it stars what
+    Holm-Bonferroni (written out as adjusted p-values) rejects, and it marks the cell it cannot judge."""
+    demo = load_script("demo")
+    teacher = dict(entropy=0.1, branching=0.1, n_branching=5, n_positions=50)
+    monkeypatch.setattr(demo, "exact_teacher", lambda w, tok, n: teacher)
+    a = demo.parse_args(["--out", str(tmp_path), "--n_teacher", "600", "--regime_seeds", "5"])
+    rng = np.random.default_rng(3)
+    sizes, seeds, n_s = [40, 270], 5, 270
+    worlds = {name: {"w": None, "tok": None, "w_mean": 0.5} for name in ("default", "rich")}
+    shift = {"bbkd": 0.0, "proxykd": -0.02, "no_weights": -0.03, "scaled": -0.021}  # some Δ clear, some not
+    rows, jobs, every = {}, {}, {}
+    for name in worlds:
+        rows[name] = {k: [{"kl": 0.1, "exact_match": 0.5}]
+                      for k in ("proxy base", "proxy aligned", "student base")}
+        for n in sizes:
+            every[name, n] = 3
+            arms = ["bbkd", "proxykd"] + ["no_weights", "scaled"] * (name == "rich" and n == 40)
+            seed_effect = rng.normal(0, 0.01, seeds)
+            jobs[name, n] = {}
+            for arm in arms:
+                runs = []
+                for s in range(seeds):
+                    run = tmp_path / f"{name}_{n}_{arm}_{s}"
+                    run.mkdir()
+                    best = 0 if (name, n, arm, s) == ("default", 40, "bbkd", 1) else 9
+                    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+                        [{"step": t, "eval_nll": 1.0} for t in (0, 3, 6, 9)] + [{"step": 9, "best_step": best,
+                                                                                 "best_eval_nll": 0.9}])))
+                    runs.append(type("Job", (), {"out": str(run)}))
+                    kl = 0.2 + shift[arm] + seed_effect[s] + rng.normal(0, 0.004)
+                    for which in ("kept", "last"):
+                        rows[name].setdefault(f"{arm} n{n} {which}", []).append(
+                            {"kl": kl, "nll": kl + 0.1, "exact_match": 0.5 - kl, "best_step": best})
+                jobs[name, n][arm] = runs
+    demo.write_regime(a, str(tmp_path), worlds, sizes, n_s, rows, jobs, every, [], 0.0)
+    res = json.load(open(tmp_path / "regime" / "results.json"))
+    md = open(tmp_path / "regime" / "results.md").read()
+    comps = res["comparisons"]
+    assert len(comps) == res["comparisons_tested"] == 4 * 3 + 2 * 3
+    assert f"over the table's {len(comps)} comparisons" in md
+    ps = {}
+    for c in comps:
+        ref = demo.REGIME_REFERENCE[c["arm"]]
+        runs, refs = (rows[c["teacher"]][f"{arm} n{c['size']} kept"] for arm in (c["arm"], ref))
+        d = [x[c["metric"]] - y[c["metric"]] for x, y in zip(runs, refs)]
+        assert c["mean"] == pytest.approx(sum(d) / seeds, abs=1e-12) and c["df"] == seeds - 1
+        assert c["se"] == pytest.approx(float(np.std(d, ddof=1)) / math.sqrt(seeds), rel=1e-9)
+        ps[c["teacher"], c["size"], c["arm"], c["metric"]] = c["p"]
+    ranked, adjusted, running = sorted((p, k) for k, p in ps.items()), {}, 0.0
+    for j, (p, k) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - j) * p))
+        adjusted[k] = running
+    starred = {(c["teacher"], c["size"], c["arm"], c["metric"]) for c in comps if c["star"]}
+    assert starred == {k for k, v in adjusted.items() if v <= 0.05}
+    assert 0 < len(starred) < len(comps), "the synthetic effects should give both outcomes"
+    assert md.count(" * |") == len(starred)
+    assert "| default | 40 (7) † |" in md and "black-box KD 1 of 5" in md and md.count("†") == 2
+    weights_table = [line for line in md.splitlines() if line.startswith("| rich | 40 | Proxy-KD")]
+    assert len(weights_table) == 3 and weights_table[0].count("| - |") == 3, "Proxy-KD: the reference, no Δ"
