@@ -1,6 +1,7 @@
 """The per-GPU memory plan: what each phase of a run holds on every GPU, from config.json and the flags
 alone, before any weight is loaded. `--plan` prints it; `train_proxy.py --sampler auto` picks the sampler
-that fits it; the tests hold its activation count to what autograd saves.
+that fits it; the tests hold its activation count to what autograd saves, and `--plan --trace`
+(plan_trace.py) runs every phase of the real code on fake tensors to check each peak.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import os
 import torch
 
 import fast
+import plan_trace
 import ranks
 from model import ModelArgs
 from tensor_parallel import tp_args, tp_supported
@@ -293,10 +295,11 @@ def gpu_budget(gpu_memory_gib: float, device: torch.device | None = None) -> int
     return torch.cuda.get_device_properties(device).total_memory if device is not None and device.type == "cuda" else 0
 
 
-def print_plan(cfg, memory_plan, title: str) -> None:
+def print_plan(cfg, memory_plan, title: str, trace=None) -> None:
     """--plan, before any process group or weight (config.json and the flags only): rank 0 prints
     memory_plan(cfg, world) for --plan_world_size GPUs (default: this launch's world size); a bad path
-    stops every rank with one line, as the training run itself would."""
+    stops every rank with one line, as the training run itself would. trace (--trace): trace(cfg, world)
+    -> {phase: plan_trace.Traced}, printed beside the plan by rank 0 (plan_trace.report)."""
     world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -304,4 +307,10 @@ def print_plan(cfg, memory_plan, title: str) -> None:
     except (ValueError, OSError, KeyError) as e:
         ranks.fail(rank, f"bad input: {e}")
     if rank == 0:
-        print(format_plan(plan, f"{title}, {world} GPUs"))
+        print(format_plan(plan, f"{title}, {world} GPUs"), flush=True)
+        if trace is not None:
+            try:
+                traced = trace(cfg, world)
+            except plan_trace.Unavailable as e:
+                ranks.fail(rank, str(e))
+            print(plan_trace.report(plan, traced, world))
