@@ -97,6 +97,20 @@ def backward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, checkp
     return tokens * (block if checkpointing else max(block, 20 * args.dim))
 
 
+def train_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool, lora_r: int,
+                          chunk_size: int, copy_out: int) -> int:
+    """A training step's peak beyond the resident shards and FSDP2's two gathered blocks: the activations
+    with, one after the other, the loss head's (chunk, V) blocks or a block's backward, whichever is
+    larger; or, earlier in the backward, the moment FSDP2 copies a block's all-gather buffer out into its
+    parameters while the next block's all-gather is already in flight (`copy_out`: a third block, 0 at
+    one rank), when only what the forward saved is held (with checkpointing, the blocks' inputs)."""
+    act = activation_bytes(args, tokens, itemsize, checkpointing, lora_r)
+    later = max(logits_chunk_bytes(args, chunk_size, itemsize, tokens),
+                backward_transient_bytes(args, tokens, itemsize, checkpointing))
+    saved = args.n_layers * itemsize * args.dim * tokens if checkpointing else act
+    return max(act + later, saved + copy_out)
+
+
 def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: int = 1,
                             lora: bool = False) -> int:
     """No-grad forward of `tokens` positions (a decode prefill, the cache build): the largest live set
@@ -192,13 +206,11 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         "decode: expanded K/V (one layer)": expanded_kv_bytes(args, gen_batch_size, positions, base_itemsize),
     }
     resident = frozen + 4 * lora
+    copy_out = gathered * (_block_params(args) * base_itemsize + lora_full // args.n_layers)
 
     def step(tokens: int) -> int:  # a training step's peak, forwarding `tokens` positions
-        act = activation_bytes(args, tokens, base_itemsize, activation_checkpointing, lora_r)
-        # the loss head's forward and the blocks' backward come one after the other: the larger of the two
-        later = max(logits_chunk_bytes(args, chunk_size, base_itemsize, tokens),
-                    backward_transient_bytes(args, tokens, base_itemsize, activation_checkpointing))
-        return resident + gathered_units + act + later
+        return resident + gathered_units + train_transient_bytes(
+            args, tokens, base_itemsize, activation_checkpointing, lora_r, chunk_size, copy_out)
 
     phases = {
         "warm-up step": step(tokens // 2),
@@ -263,10 +275,11 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
     items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize, tokens)
     items["student backward transients"] = backward_transient_bytes(student, tokens, base_itemsize,
                                                                     activation_checkpointing)
-    act = items["student activations, checkpointing" if activation_checkpointing else "student activations, no checkpointing"]
-    # the loss head's forward and the blocks' backward come one after the other: the larger of the two
-    phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"] + act
-                              + max(items["student loss logits chunk"], items["student backward transients"]))
+    copy_out = int(world > 1) * (_block_params(student) * base_itemsize
+                                 + _lora_params(student, lora_r) * 4 // student.n_layers)
+    phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"]
+                              + train_transient_bytes(student, tokens, base_itemsize, activation_checkpointing,
+                                                      lora_r, chunk_size, copy_out))
     return Plan(items, phases, "", 0)
 
 
