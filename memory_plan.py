@@ -293,7 +293,13 @@ def format_plan(plan: Plan, title: str) -> str:
         budget = f"{plan.budget / GiB:.0f} GiB per GPU" if plan.budget else "no GPU memory limit known"
         lines += ["", f"--sampler auto picks: {plan.sampler} ({budget})"]
         decode = "TP decode" if plan.sampler == "tensor_parallel" else "gathered decode"
-        if decode in over:
+        i = plan.items
+        building = decode == "TP decode" and i["TP decode: building the copy"] >= i["TP decode: KV cache"] + max(
+            i["TP decode: prefill"], i["TP decode: expanded K/V (one layer)"])
+        if decode in over and building:
+            lines.append("TP decode does not fit: its peak is building the copy, which --gen_batch_size does "
+                         "not change")
+        elif decode in over:
             lines.append(f"{decode} does not fit: lower --gen_batch_size (its KV cache and prefill scale with it)")
     return "\n".join(lines)
 
