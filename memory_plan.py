@@ -1,6 +1,7 @@
 """The per-GPU memory plan: what each phase of a run holds on every GPU, from config.json and the flags
 alone, before any weight is loaded. `--plan` prints it; `train_proxy.py --sampler auto` picks the sampler
-that fits it; the tests hold its activation count to what autograd saves.
+that fits it; the tests hold its activation count to what autograd saves, and `--plan --trace`
+(plan_trace.py) runs every phase of the real code on fake tensors to check each peak.
 """
 
 import dataclasses
@@ -10,6 +11,7 @@ import os
 import torch
 
 import fast
+import plan_trace
 import ranks
 from model import ModelArgs
 from tensor_parallel import tp_args, tp_supported
@@ -84,16 +86,76 @@ def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing:
     return (args.n_layers * per_layer + rope) * tokens + args.n_layers * lora_casts
 
 
-def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: int = 1) -> int:
-    """No-grad forward of `tokens` positions (a decode prefill): the largest live set inside one block,
-    the MLP's gate, up, silu and product (4 F / world) plus the residual stream and norm (fp32 copies)."""
-    return tokens * (4 * args.hidden_dim // world * itemsize + 3 * args.dim * 4)
+def backward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool) -> int:
+    """The backward at its peak, beyond what the forward saved (activation_bytes). In a block, at down_proj:
+    the gradient of the SwiGLU product through its base weight and through its LoRA branch, and their
+    sum (3 F; the product itself, F, is freed by then), next to the gradient arriving at the block (D),
+    all in the base dtype. Without checkpointing every block's activations are still held when the final
+    RMSNorm's backward runs: its fp32 input and its fp32 temporaries, five (tokens, D) at once (20 D
+    bytes). The loss head's (chunk, V) blocks are gone by then."""
+    block = (2 * args.hidden_dim + args.dim) * itemsize
+    return tokens * (block if checkpointing else max(block, 20 * args.dim))
 
 
-def logits_chunk_bytes(args: ModelArgs, chunk: int, itemsize: int) -> int:
+def train_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool, lora_r: int,
+                          chunk_size: int, copy_out: int) -> int:
+    """A training step's peak beyond the resident shards and FSDP2's two gathered blocks: the activations
+    with, one after the other, the loss head's (chunk, V) blocks or a block's backward, whichever is
+    larger; or, earlier in the backward, the moment FSDP2 copies a block's all-gather buffer out into its
+    parameters while the next block's all-gather is already in flight (`copy_out`: a third block, 0 at
+    one rank), when only what the forward saved is held (with checkpointing, the blocks' inputs)."""
+    act = activation_bytes(args, tokens, itemsize, checkpointing, lora_r)
+    later = max(logits_chunk_bytes(args, chunk_size, itemsize, tokens),
+                backward_transient_bytes(args, tokens, itemsize, checkpointing))
+    saved = args.n_layers * itemsize * args.dim * tokens if checkpointing else act
+    return max(act + later, saved + copy_out)
+
+
+def forward_transient_bytes(args: ModelArgs, tokens: int, itemsize: int, world: int = 1,
+                            lora: bool = False) -> int:
+    """No-grad forward of `tokens` positions (a decode prefill, the cache build): the largest live set
+    inside a block, beyond the KV cache. Either at the second RMSNorm (the block's input and residual in
+    the base dtype, 2 D, and the norm's two fp32 copies, 8 D bytes) or in the MLP (input, residual and
+    normed input, 3 D, with silu(gate), up and their product, 3 F / world, all in the base dtype; LoRA
+    on up_proj makes it 4 F: its base output and its branch's output live at their sum); plus the RoPE
+    cos / sin (2 hd) of every block."""
+    D, F = args.dim, args.hidden_dim // world
+    norm = 2 * D * itemsize + 8 * D
+    mlp = (3 * D + (4 if lora else 3) * F) * itemsize
+    return tokens * (max(norm, mlp) + 2 * args.head_dim * itemsize)
+
+
+def prefill_mask_bytes(rows: int, length: int) -> int:
+    """model.generate's prefill: the (rows, 1, length, length) bool attention mask (causal & key padding)."""
+    return rows * length * length
+
+
+def expanded_kv_bytes(args: ModelArgs, rows: int, positions: int, itemsize: int, world: int = 1) -> int:
+    """decode: k and v of one layer expanded from the kv heads to the query heads, as a masked attention
+    takes them on a GPU (SDPA's flash and memory-efficient kernels take no GQA with a mask): 2 x (rows,
+    n_heads / world, positions, head_dim) in the base dtype, live only during attention. At the last
+    decode step (`positions` keys) it could outgrow the prefill's transients."""
+    return 2 * rows * (args.n_heads // world) * positions * args.head_dim * itemsize
+
+
+def tp_build_bytes(args: ModelArgs, itemsize: int, lora_r: int, world: int) -> int:
+    """tensor_parallel.tensor_parallel_copy at its peak, beyond the copy's finished slices: while FSDP2
+    copies the last block's all-gather buffer out into its parameters, that block (+ its fp32 LoRA)
+    twice, its own slices not made yet; or the block once, next to the fp32 temporaries of merging LoRA
+    into its largest slice (W, B A, its scaling, the sum: 4 x 4 bytes). A one-rank model is whole: no
+    block is gathered."""
+    unit = _block_params(args) * itemsize + _lora_params(args, lora_r) * 4 // args.n_layers
+    unit *= int(world > 1)
+    block_slice = _block_params(tp_args(args, world)) * itemsize
+    largest = max(args.hidden_dim, args.n_heads * args.head_dim) * args.dim // world
+    return max(2 * unit - block_slice, unit + 16 * largest)
+
+
+def logits_chunk_bytes(args: ModelArgs, chunk: int, itemsize: int, rows: int) -> int:
     """The fused loss head's (chunk, V) blocks (fast._head_buffers): fp32 logits, plus the matmul's
-    output in the base dtype when that is not fp32. chunk 0: fast.default_chunk_size on a GPU."""
-    chunk = chunk or fast.default_chunk_size(args.vocab_size, "cuda")
+    output in the base dtype when that is not fp32. chunk 0: fast.default_chunk_size on a GPU; never more
+    than the `rows` scored."""
+    chunk = min(chunk or fast.default_chunk_size(args.vocab_size, "cuda"), rows)
     return chunk * args.vocab_size * (4 + (itemsize if itemsize != 4 else 0))
 
 
@@ -124,37 +186,51 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
     gathered = int(world > 1)
     gathered_units = gathered * ((_root_params(args) + 2 * _block_params(args)) * base_itemsize
                                  + 2 * lora_full // args.n_layers)
-    tokens = 2 * batch_size * max_len
-    positions = max_len + max_new_tokens
+    tokens = 2 * batch_size * max_len  # an alignment step's [y; y_hat]; the warm-up forwards half of it
+    positions, prefill = max_len + max_new_tokens, gen_batch_size * max_len
     items = {
         "frozen base shard": frozen,
         "LoRA + grads + Adam": 4 * lora,
         "unsharded root + 2 blocks (training)": gathered_units,
         "activations, no checkpointing": activation_bytes(args, tokens, base_itemsize, False, lora_r),
         "activations, checkpointing": activation_bytes(args, tokens, base_itemsize, True, lora_r),
-        "loss logits chunk": logits_chunk_bytes(args, chunk_size, base_itemsize),
+        "loss logits chunk": logits_chunk_bytes(args, chunk_size, base_itemsize, tokens),
+        "backward transients": backward_transient_bytes(args, tokens, base_itemsize,
+                                                        activation_checkpointing),
         # plus the LoRA factors generate casts to the base dtype once per call (lora.LoRALinear.freeze_branch)
         "gathered decode: whole model": gathered * ((_root_params(args) + args.n_layers * _block_params(args))
                                                     * base_itemsize + lora_full) + lora_full * base_itemsize // 4,
         "gathered decode: KV cache": kv_cache_bytes(args, gen_batch_size, positions, base_itemsize),
-        "gathered decode: prefill": forward_transient_bytes(args, gen_batch_size * max_len, base_itemsize),
+        "gathered decode: prefill": forward_transient_bytes(args, prefill, base_itemsize, lora=True)
+        + prefill_mask_bytes(gen_batch_size, max_len),
+        "decode: expanded K/V (one layer)": expanded_kv_bytes(args, gen_batch_size, positions, base_itemsize),
     }
     resident = frozen + 4 * lora
-    act = items["activations, checkpointing" if activation_checkpointing else "activations, no checkpointing"]
+    copy_out = gathered * (_block_params(args) * base_itemsize + lora_full // args.n_layers)
+
+    def step(tokens: int) -> int:  # a training step's peak, forwarding `tokens` positions
+        return resident + gathered_units + train_transient_bytes(
+            args, tokens, base_itemsize, activation_checkpointing, lora_r, chunk_size, copy_out)
+
     phases = {
-        "train step": resident + gathered_units + act + items["loss logits chunk"],
+        "warm-up step": step(tokens // 2),
+        "train step": step(tokens),
         "gathered decode": resident + items["gathered decode: whole model"] + items["gathered decode: KV cache"]
-        + items["gathered decode: prefill"],
+        + max(items["gathered decode: prefill"], items["decode: expanded K/V (one layer)"]),
     }
     if tp_supported(args, world):
         items["TP decode: block slices + replicated root"] = (
             _root_params(args) + args.n_layers * _block_params(tp_args(args, world))) * base_itemsize
         items["TP decode: KV cache"] = kv_cache_bytes(args, gen_batch_size, positions, base_itemsize, world)
-        items["TP decode: prefill"] = forward_transient_bytes(args, gen_batch_size * max_len, base_itemsize, world)
-        # while the copy is built: one unsharded block (+ its LoRA) next to the slices
-        build = _block_params(args) * base_itemsize + lora_full // args.n_layers
-        phases["TP decode"] = resident + items["TP decode: block slices + replicated root"] + max(
-            build, items["TP decode: KV cache"] + items["TP decode: prefill"])
+        items["TP decode: prefill"] = (forward_transient_bytes(args, prefill, base_itemsize, world)
+                                       + prefill_mask_bytes(gen_batch_size, max_len))
+        items["TP decode: expanded K/V (one layer)"] = expanded_kv_bytes(args, gen_batch_size, positions,
+                                                                         base_itemsize, world)
+        items["TP decode: building the copy"] = tp_build_bytes(args, base_itemsize, lora_r, world)
+        decode = items["TP decode: KV cache"] + max(items["TP decode: prefill"],
+                                                    items["TP decode: expanded K/V (one layer)"])
+        phases["TP decode"] = (resident + items["TP decode: block slices + replicated root"]
+                               + max(items["TP decode: building the copy"], decode))
     # the reference pass also scores [y; y_hat] teacher-forced, without grad: under the train step's peak
     # auto: the whole model per GPU when it fits in 90% of the budget (the CUDA context and allocator
     # fragmentation take the rest), else tensor-parallel where the heads divide. Never at one rank, where
@@ -175,12 +251,16 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
         items["proxy shard"] = sum(fsdp_param_bytes(s, world, proxy_itemsize) for s in param_shapes(proxy).values())
         unsharded = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
         items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
-        items["cache build: forward"] = forward_transient_bytes(proxy, cache_batch_size * max_len, proxy_itemsize)
-        chunk = chunk_size or fast.default_chunk_size(proxy.vocab_size, "cuda")
+        tokens = cache_batch_size * max_len
+        items["cache build: forward"] = forward_transient_bytes(proxy, tokens, proxy_itemsize)
+        chunk = min(chunk_size or fast.default_chunk_size(proxy.vocab_size, "cuda"), tokens)
         # fast.topk_logps_chunked: the matmul's (chunk, V) product in the proxy's dtype, copied to fp32 logits
         # (the product is freed), then logsumexp's fp32 temporary beside them; the output weight is used as is
         items["cache build: logits chunk"] = chunk * proxy.vocab_size * max(proxy_itemsize + 4, 2 * 4)
-        phases["cache build"] = sum(items.values())
+        # the head runs after the blocks, on the final hidden states and their norm's input (2 D per token)
+        head = items["cache build: logits chunk"] + 2 * tokens * proxy.dim * proxy_itemsize
+        phases["cache build"] = (items["proxy shard"] + items["proxy unsharded root + 2 blocks"]
+                                 + max(items["cache build: forward"], head))
     shapes = param_shapes(student, lora_r)
     frozen = sum(fsdp_param_bytes(s, world, base_itemsize) for k, s in shapes.items() if ".lora_" not in k)
     lora = sum(fsdp_param_bytes(s, world, 4) for k, s in shapes.items() if ".lora_" in k)
@@ -192,10 +272,14 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
     items["student unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
     items["student activations, no checkpointing"] = activation_bytes(student, tokens, base_itemsize, False, lora_r)
     items["student activations, checkpointing"] = activation_bytes(student, tokens, base_itemsize, True, lora_r)
-    items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize)
-    act = items["student activations, checkpointing" if activation_checkpointing else "student activations, no checkpointing"]
-    phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"] + act
-                              + items["student loss logits chunk"])
+    items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize, tokens)
+    items["student backward transients"] = backward_transient_bytes(student, tokens, base_itemsize,
+                                                                    activation_checkpointing)
+    copy_out = int(world > 1) * (_block_params(student) * base_itemsize
+                                 + _lora_params(student, lora_r) * 4 // student.n_layers)
+    phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"]
+                              + train_transient_bytes(student, tokens, base_itemsize, activation_checkpointing,
+                                                      lora_r, chunk_size, copy_out))
     return Plan(items, phases, "", 0)
 
 
@@ -209,7 +293,13 @@ def format_plan(plan: Plan, title: str) -> str:
         budget = f"{plan.budget / GiB:.0f} GiB per GPU" if plan.budget else "no GPU memory limit known"
         lines += ["", f"--sampler auto picks: {plan.sampler} ({budget})"]
         decode = "TP decode" if plan.sampler == "tensor_parallel" else "gathered decode"
-        if decode in over:
+        i = plan.items
+        building = decode == "TP decode" and i["TP decode: building the copy"] >= i["TP decode: KV cache"] + max(
+            i["TP decode: prefill"], i["TP decode: expanded K/V (one layer)"])
+        if decode in over and building:
+            lines.append("TP decode does not fit: its peak is building the copy, which --gen_batch_size does "
+                         "not change")
+        elif decode in over:
             lines.append(f"{decode} does not fit: lower --gen_batch_size (its KV cache and prefill scale with it)")
     return "\n".join(lines)
 
@@ -224,10 +314,11 @@ def gpu_budget(gpu_memory_gib: float, device: torch.device | None = None) -> int
     return torch.cuda.get_device_properties(device).total_memory if device is not None and device.type == "cuda" else 0
 
 
-def print_plan(cfg, memory_plan, title: str) -> None:
+def print_plan(cfg, memory_plan, title: str, trace=None) -> None:
     """--plan, before any process group or weight (config.json and the flags only): rank 0 prints
     memory_plan(cfg, world) for --plan_world_size GPUs (default: this launch's world size); a bad path
-    stops every rank with one line, as the training run itself would."""
+    stops every rank with one line, as the training run itself would. trace (--trace): trace(cfg, world)
+    -> {phase: plan_trace.Traced}, printed beside the plan by rank 0 (plan_trace.report)."""
     world = cfg.plan_world_size or int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     try:
@@ -235,4 +326,10 @@ def print_plan(cfg, memory_plan, title: str) -> None:
     except (ValueError, OSError, KeyError) as e:
         ranks.fail(rank, f"bad input: {e}")
     if rank == 0:
-        print(format_plan(plan, f"{title}, {world} GPUs"))
+        print(format_plan(plan, f"{title}, {world} GPUs"), flush=True)
+        if trace is not None:
+            try:
+                traced = trace(cfg, world)
+            except plan_trace.Unavailable as e:
+                ranks.fail(rank, str(e))
+            print(plan_trace.report(plan, traced, world))

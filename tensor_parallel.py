@@ -85,7 +85,6 @@ def tensor_parallel_copy(model: Llama) -> Llama:
     (tp_generate). model.generate works on it unchanged.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = next(model.parameters()).device
     with torch.device("meta"):
         tp = Llama(tp_args(model.args, world))
     sd = {}
@@ -101,13 +100,13 @@ def tensor_parallel_copy(model: Llama) -> Llama:
                     sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
-    tp.load_state_dict(sd, assign=True)
+    tp.load_state_dict(sd, assign=True)  # the slices are on the model's device already: no .to, no copy
     if tp.args.tie_word_embeddings:
         tp.lm_head.weight = tp.model.embed_tokens.weight
     for block in tp.model.layers:
         block.self_attn.o_proj.register_forward_hook(_all_reduce_output)
         block.mlp.down_proj.register_forward_hook(_all_reduce_output)
-    return tp.to(device).eval().requires_grad_(False)
+    return tp.eval().requires_grad_(False)
 
 
 def tp_generate(tp: Llama, prompts: list[list[int]], gen_batch_size: int, max_new_tokens: int, eos_id: int,

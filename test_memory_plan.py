@@ -19,6 +19,16 @@ def test_plan_70b_fits_80gb_with_tensor_parallel_sampling():
     assert small.sampler == "gathered"
 
 
+def test_tensor_parallel_build_does_not_shrink_with_the_decode_batch():
+    """On 8 x 40 GiB the 70B tensor-parallel decode peaks while its copy is built (a block gathered twice
+    next to the slices), at any --gen_batch_size: the plan says so instead of advising a smaller one."""
+    for gen in (1, 8):
+        plan = memory_plan.plan_proxy(ModelArgs.from_name("llama-2-70b"), 8, batch_size=2, gen_batch_size=gen,
+                                      activation_checkpointing=True, budget=40 * memory_plan.GiB)
+        assert plan.sampler == "tensor_parallel" and not plan.fits("TP decode") and plan.fits("train step")
+        assert "building the copy" in memory_plan.format_plan(plan, "")
+
+
 def test_planned_activations_are_the_saved_tensors():
     """The activation plan (no checkpointing, bf16 base, LoRA on every linear) == the bytes of the
     distinct non-weight storages autograd saves in a forward through the blocks (a block input that

@@ -29,6 +29,7 @@ import checkpoints
 import data
 import fast
 import memory_plan
+import plan_trace
 import provenance
 import proxykd as pk
 import ranks
@@ -70,6 +71,7 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     gen_batch_size: int = 0  # prompts per decode: per rank (gathered), all ranks (tensor_parallel); 0 = batch_size
     plan: bool = False  # print the per-GPU memory plan from config.json and the flags, and exit (no weights)
     plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
+    trace: bool = False  # --plan: also run each phase on fake tensors at full size (CPU, minutes) and compare
     gpu_memory_gib: float = 0.0  # per-GPU memory the plan and --sampler auto hold against (0 = this GPU's)
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = lora_alpha / lora_r = 2)
@@ -90,7 +92,8 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.plan:  # every phase's per-GPU memory from config.json and the flags; no weight is loaded
-        return memory_plan.print_plan(cfg, plan_memory, f"train_proxy.py memory plan: {cfg.base}")
+        trace = (lambda c, world: plan_trace.trace_proxy(c, world, train_step)) if cfg.trace else None
+        return memory_plan.print_plan(cfg, plan_memory, f"train_proxy.py memory plan: {cfg.base}", trace)
 
     # setup: the ranks, D_w and D_p (D_s is left to the student), the proxy with fresh LoRA, the step plan
     run = Run.launch(cfg)  # stops every rank when --out holds checkpoints and --resume is not given

@@ -34,6 +34,7 @@ from tqdm import tqdm
 import data
 import fast
 import memory_plan
+import plan_trace
 import provenance
 import proxykd as pk
 import ranks
@@ -94,13 +95,16 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     stop_after_steps: int = 0  # testing/debugging: checkpoint and exit after this many optimizer steps
     plan: bool = False  # print the per-GPU memory plan from the config.json files and the flags, and exit
     plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
+    trace: bool = False  # --plan: also run each phase on fake tensors at full size (CPU, minutes) and compare
 
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     if cfg.plan:  # both phases' per-GPU memory from the config.json files and the flags; no weight is loaded
         proxy = cfg.proxy if cfg.alpha else "(none)"
-        return memory_plan.print_plan(cfg, plan_memory, f"train_student.py memory plan: {cfg.base}, proxy {proxy}")
+        trace = (lambda c, world: plan_trace.trace_student(c, world, student_step)) if cfg.trace else None
+        title = f"train_student.py memory plan: {cfg.base}, proxy {proxy}"
+        return memory_plan.print_plan(cfg, plan_memory, title, trace)
 
     # setup: the ranks and D_s, the slice of the teacher's data the proxy never saw
     run = Run.launch(cfg)  # stops every rank when --out holds checkpoints and --resume is not given
