@@ -598,8 +598,11 @@ def generate(
                            head_fn=_last_logits)
             mask = valid[:, None, None, :]  # decode step t's mask (B, 1, 1, L + t + 1) is a prefix of it
             done = torch.zeros(B, dtype=torch.bool, device=device)
-            flags = torch.zeros(T, dtype=torch.bool, pin_memory=device.type != "cpu")  # step t: all rows done
-            flags_np, event = flags.numpy(), None if device.type == "cpu" else torch.Event(device=device)
+            open_rows = torch.zeros(T, dtype=torch.long, pin_memory=device.type != "cpu")  # after step t
+            event = None if device.type == "cpu" else torch.Event(device=device)
+            # read on the host through numpy, which no dispatch sees; a tensor subclass (a fake tensor, when
+            # --plan --trace runs this decode) has no numpy view and is read through torch, which it answers
+            open_host = open_rows.numpy() if type(open_rows) is torch.Tensor else open_rows
             for t in range(T):
                 nxt = sample_next(logits, temperature, top_p, greedy, generator, None if u is None else u[t])
                 nxt = nxt.masked_fill(done, pad_id)
@@ -610,15 +613,15 @@ def generate(
                 n_open = (~done).sum()
                 if all_ranks_done:
                     torch.distributed.all_reduce(n_open)
-                flags[t].copy_(n_open == 0, non_blocking=True)
+                open_rows[t].copy_(n_open, non_blocking=True)
                 if event is not None:
                     event.record()
                 logits = model(nxt[:, None], position_ids=next_pos + t, attn_mask=mask[..., : L + t + 1],
                                cache=cache, head_fn=_last_logits)
-                # step t's flag is read with step t + 1's forward queued behind it, so the device keeps busy
+                # step t's count is read with step t + 1's forward queued behind it: the device keeps busy
                 if event is not None:
                     event.synchronize()
-                if flags_np[t]:
+                if int(open_host[t]) == 0:
                     break
     finally:
         if state is not None:
