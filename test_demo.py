@@ -422,9 +422,8 @@ def test_holm_against_adjusted_p_values():
 
 def test_regime_schedule_counts_train_students_steps():
     """demo.regime_schedule's epochs and steps per epoch give the optimizer steps train_student.py takes
-    (plumbing.plan_steps over the first N examples), and its first evaluation interval falls at least
+    (data.plan_steps over the first N examples), and its first evaluation interval falls at least
     once per epoch and at least about REGIME_MIN_EVALS times per run."""
-    import plumbing
     demo = load_script("demo")
     for n_teacher, batch, nproc in ((3000, 16, 1), (600, 16, 1), (3000, 8, 2)):
         a = demo.parse_args(["--n_teacher", str(n_teacher), "--batch_size", str(batch),
@@ -433,7 +432,7 @@ def test_regime_schedule_counts_train_students_steps():
         for n in [n for n in (1, 40, 150, 450) if n < len(d_s)] + [len(d_s)]:
             epochs, per_epoch, every = demo.regime_schedule(a, n, len(d_s))
             cfg = type("Cfg", (), {"batch_size": batch, "grad_accum": 1, "seed": 0})
-            steps = len(plumbing.plan_steps(d_s[:n], cfg, 0, nproc, range(epochs)))
+            steps = len(data.plan_steps(d_s[:n], cfg, 0, nproc, range(epochs)))
             assert steps == epochs * per_epoch and abs(epochs * n - len(d_s)) <= n / 2
             assert 1 <= every <= per_epoch and (every == 1 or steps // every >= demo.REGIME_MIN_EVALS)
 

@@ -87,8 +87,8 @@ class HostTraffic(TorchDispatchMode):
     """Counts what would make a GPU wait for the host, or the host for a GPU, on the CPU where neither
     waits: reads of a device value (`syncs`: a scalar read or a truth test, nonzero's data-dependent size,
     tolist / cpu / numpy), and copies of
-    host data to the device (`stray`: torch.tensor(..., device=...) and Tensor.to(<device>), pageable and
-    blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On
+    host data to the device (`stray`: torch.tensor(..., device=...), Tensor.to(<device>) and a Python number
+    assigned into a tensor in the step's own code, pageable and blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On
     the CPU every tensor is a host tensor, so any Tensor.to(<device>) outside data.to_device counts."""
 
     def __init__(self, monkeypatch):
@@ -122,8 +122,16 @@ class HostTraffic(TorchDispatchMode):
                 return real(t, *args, **kwargs)
             monkeypatch.setattr(torch.Tensor, name, read)
 
+        real_setitem = torch.Tensor.__setitem__
+
+        def setitem(t, index, value):  # t[i] = <a Python number> copies a host scalar to t's device
+            self.stray += isinstance(value, (int, float)) and os.path.basename(
+                sys._getframe(1).f_code.co_filename) in STEP_CODE
+            return real_setitem(t, index, value)
+
         monkeypatch.setattr(torch, "tensor", tensor)
         monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "__setitem__", setitem)
         monkeypatch.setattr(data, "to_device", to_device)
         for name in ("tolist", "cpu", "numpy"):
             reads(name)

@@ -312,7 +312,7 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, pref]).double()
-    sums[7] = sum(b["n_fwd"] for b in batches)  # a host count: filled in, not copied
+    sums[7].fill_(sum(b["n_fwd"] for b in batches))  # a host count: a fill, not a copy to the device
     dist.all_reduce(sums)
     sums[:3] /= run.world  # each rank's losses were scaled up by world (see above)
     out = ProxyStep(*sums.tolist())  # the step's one wait for the device
