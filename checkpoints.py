@@ -47,7 +47,8 @@ def latest_checkpoint(ckpt_dir: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def save_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2) -> str | None:
+def save_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer, state: dict,
+                    keep: int = 2) -> str | None:
     """Collective. Write ckpt_dir/step-<state["step"]:08d>/ and point ckpt_dir/latest at it.
 
     Contents: adapter_model.safetensors + adapter_config.json (PEFT layout, lora.save_adapter),
@@ -103,7 +104,8 @@ def load_checkpoint(ckpt_dir: str, model, optimizer: torch.optim.Optimizer) -> d
         model_sd = lora.read_adapter(path)
         optim_sd = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True)
     set_model_state_dict(model, model_sd, options=_FROM_RANK0)
-    if not isinstance(optimizer, torch.optim.SGD):  # plain SGD keeps no state (and torch cannot load an empty one)
+    # plain SGD keeps no state (and torch cannot load an empty one)
+    if not isinstance(optimizer, torch.optim.SGD):
         set_optimizer_state_dict(model, optimizer, optim_sd, options=_FROM_RANK0)
     rng = state.pop("rng")
     if state.pop("world_size") == dist.get_world_size():
@@ -130,7 +132,8 @@ def check_out_dir(out: str, resume: bool, rank: int) -> None:
     os.makedirs(out, exist_ok=True)
     ckpt_dir = os.path.join(out, "checkpoints")
     if not resume and ranks.agree(rank == 0 and latest_checkpoint(ckpt_dir) is not None):
-        ranks.fail(rank, f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or use a new --out")
+        ranks.fail(rank, f"{ckpt_dir} already holds checkpoints: pass --resume to continue, "
+                         f"or use a new --out")
 
 
 def save_adapter(out_dir: str, model) -> None:

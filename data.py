@@ -21,8 +21,8 @@ Splits and batches (stable across runs, Python hash seeds, numpy versions and wo
 is a sort by blake2b(key, index), never Python's hash() or a numpy stream)
     split_indices(n, seed): D_w 10% / D_p 45% / D_s 45% (paper Section 3.3).
     round_shards(D_p, k): round i of the alignment stage takes shard i.
-    rank_batches(...) / plan_steps(...): global batch j = examples [j*G, (j+1)*G) of the epoch's shuffled order, G =
-    batch_size * world_size; rank r takes positions [r*B, (r+1)*B) of it. The order is padded by
+    rank_batches(...) / plan_steps(...): global batch j = examples [j*G, (j+1)*G) of the epoch's shuffled
+    order, G = batch_size * world_size; rank r takes positions [r*B, (r+1)*B) of it. The order is padded by
     wrapping to a multiple of G, so every rank has the same number of full batches (FSDP ranks stay in
     lockstep) and up to G-1 examples are seen twice per epoch. The global batches depend on G, seed and
     epoch only, not on how G is factored into ranks.
@@ -75,12 +75,14 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=blob)
         except RuntimeError:  # sentencepiece's parse error names no file
-            raise ValueError(f"{self.path}: not a sentencepiece model ({len(blob)} bytes that do not parse); {expected}") from None
+            raise ValueError(f"{self.path}: not a sentencepiece model ({len(blob)} bytes that do not parse); "
+                             f"{expected}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{self.path}: tokenizer defines no bos or eos token (bos {self.bos_id}, eos {self.eos_id})")
+            raise ValueError(f"{self.path}: tokenizer defines no bos or eos token "
+                             f"(bos {self.bos_id}, eos {self.eos_id})")
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else self.eos_id
 
@@ -92,7 +94,8 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+        return (f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id})")
 
 
 def check_same_vocab(a: Tokenizer, b: Tokenizer) -> None:
@@ -111,7 +114,8 @@ def check_same_vocab(a: Tokenizer, b: Tokenizer) -> None:
         pa = (a.sp.id_to_piece(i), a.sp.get_score(i), a.sp.is_control(i), a.sp.is_unknown(i), a.sp.is_byte(i))
         pb = (b.sp.id_to_piece(i), b.sp.get_score(i), b.sp.is_control(i), b.sp.is_unknown(i), b.sp.is_byte(i))
         if pa != pb:
-            raise ValueError(f"{what}: first difference at id {i}: {pa[0]!r} (score {pa[1]}) vs {pb[0]!r} (score {pb[1]})")
+            raise ValueError(f"{what}: first difference at id {i}: {pa[0]!r} (score {pa[1]}) "
+                             f"vs {pb[0]!r} (score {pb[1]})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,8 +130,8 @@ class Example:
     system: str | None = None  # system prompt (OpenOrca's system_prompt); None or "" = no system line
 
 
-def read_jsonl(path: str, prompt_field: str = "prompt", response_field: str = "response", system_field: str | None = None,
-               stats: dict | None = None) -> list[Example]:
+def read_jsonl(path: str, prompt_field: str = "prompt", response_field: str = "response",
+               system_field: str | None = None, stats: dict | None = None) -> list[Example]:
     """One JSON object per line -> list[Example] in file order. OpenOrca: system_field="system_prompt",
     prompt_field="question" (response_field stays "response").
 
@@ -220,7 +224,8 @@ def encode_example(tok: Tokenizer, ex: Example, max_len: int, stats: dict | None
             stats["truncated"] = stats.get("truncated", 0) + 1
         k = COUNTS["truncated"]
         if k & (k - 1) == 0:  # log at 1, 2, 4, 8, ... so a large dataset gives a count, not a flood
-            log.warning("%d of %d examples so far truncated to max_len %d (latest %s: prompt %d -> %d, response %d -> %d tokens)",
+            log.warning("%d of %d examples so far truncated to max_len %d "
+                        "(latest %s: prompt %d -> %d, response %d -> %d tokens)",
                         k, COUNTS["examples"], max_len, ex.where, *log_cut)
     ids = [tok.bos_id] + p + r
     return {"input_ids": ids, "labels": [IGNORE_INDEX] * (1 + len(p)) + r}
@@ -248,7 +253,8 @@ def _hash_order(indices, *key) -> list[int]:
     """indices in a pseudo-random order fixed by key: sort by blake2b(key, i). Depends on the index values
     only (not on their input order), and is the same under any Python/numpy version or hash seed."""
     salt = ":".join(map(str, key)).encode()
-    return sorted((int(i) for i in indices), key=lambda i: (hashlib.blake2b(b"%s:%d" % (salt, i), digest_size=8).digest(), i))
+    return sorted((int(i) for i in indices),
+                  key=lambda i: (hashlib.blake2b(b"%s:%d" % (salt, i), digest_size=8).digest(), i))
 
 
 def seed_of(*key) -> int:
@@ -264,7 +270,8 @@ def split_indices(n: int, seed: int) -> dict:
     order = _hash_order(range(n), "split", seed)
     n_w = n // 10
     n_p = (n - n_w) // 2
-    return {"warmup": sorted(order[:n_w]), "proxy": sorted(order[n_w : n_w + n_p]), "student": sorted(order[n_w + n_p :])}
+    return {"warmup": sorted(order[:n_w]), "proxy": sorted(order[n_w : n_w + n_p]),
+            "student": sorted(order[n_w + n_p :])}
 
 
 def round_shards(indices: list[int], k: int) -> list[list[int]]:
@@ -276,7 +283,8 @@ def round_shards(indices: list[int], k: int) -> list[list[int]]:
     return [list(indices[j::k]) for j in range(k)]
 
 
-def rank_batches(indices: list[int], batch_size: int, rank: int, world_size: int, seed: int, epoch: int = 0) -> list[list[int]]:
+def rank_batches(indices: list[int], batch_size: int, rank: int, world_size: int, seed: int,
+                 epoch: int = 0) -> list[list[int]]:
     """This rank's micro-batches (lists of example ids) for one epoch over indices.
 
     The epoch's order is a hash shuffle fixed by (seed, epoch), padded by wrapping to a multiple of the

@@ -190,7 +190,8 @@ class _FusedHead(torch.autograd.Function):
                 dh.append(g @ w_mm)  # (n_c, D)
         out = torch.cat(outs)
         ctx.fn, ctx.chunk_size, ctx.n_rows, ctx.h_dtype = fn, chunk_size, len(rows), h.dtype
-        ctx.save_for_backward(torch.cat(dh) if need_h else None, *((h, w, coef, y, ids, *rows) if need_w else ()))
+        ctx.save_for_backward(torch.cat(dh) if need_h else None,
+                              *((h, w, coef, y, ids, *rows) if need_w else ()))
         ctx.mark_non_differentiable(out)
         return (coef.to(out.dtype) * out).sum(-1), out
 
@@ -293,7 +294,8 @@ def student_loss_fused(
     p_lp = topk_logps.reshape(-1, k)[idx].detach().to(dtype)
     n = pk.num_response_tokens(labels).clamp(min=1) if n_tokens is None else n_tokens
     w = torch.ones(B, dtype=dtype, device=hidden.device) if weights is None else weights.detach().to(dtype)
-    coef = torch.stack([-torch.ones_like(p_lp[:, 0]), alpha * w[idx // (T - 1)]], -1) / n  # d Eq. 11 / d (lp, KL)
+    # d Eq. 11 / d (lp, KL)
+    coef = torch.stack([-torch.ones_like(p_lp[:, 0]), alpha * w[idx // (T - 1)]], -1) / n
     s, out = _FusedHead.apply(h, weight, coef, _student_cols, chunk_size, y, ids, p_lp)
     lp = _scatter_rows(out[:, 0], idx, B, T)
     kl_seq = _scatter_rows(out[:, 1], idx, B, T).sum(-1)

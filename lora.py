@@ -29,8 +29,8 @@ class LoRALinear(nn.Linear):
     lora_B (out, r). merge() folds the update into the weight, explicitly and once; train()/eval() never
     merge (a mode switch must not change the weights an optimizer or checkpoint sees)."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 bias: bool = False, device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -50,7 +50,8 @@ class LoRALinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> "LoRALinear":
         """Wrap an existing nn.Linear, sharing (not copying) its weight and bias Parameters."""
         with torch.device("meta"):  # skip allocating a weight that is replaced right away
-            new = cls(linear.in_features, linear.out_features, r, alpha, dropout, bias=linear.bias is not None)
+            new = cls(linear.in_features, linear.out_features, r, alpha, dropout,
+                      bias=linear.bias is not None)
         new.weight = linear.weight
         new.bias = linear.bias
         new.lora_A = nn.Parameter(torch.empty_like(new.lora_A, device=linear.weight.device))
@@ -189,7 +190,8 @@ def save_adapter(path: str, state_dict: dict[str, torch.Tensor], config: dict) -
 def read_adapter(path: str) -> dict[str, torch.Tensor]:
     """path/adapter_model.safetensors -> its tensors keyed by our parameter names ("X.lora_A"), as
     load_state_dict / set_model_state_dict want them (for sharded models, where load_adapter cannot copy)."""
-    return {_to_param_name(k): v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
+    return {_to_param_name(k): v
+            for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items()}
 
 
 def load_adapter(model: nn.Module, path: str) -> nn.Module:

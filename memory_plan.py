@@ -63,7 +63,8 @@ def kv_cache_bytes(args: ModelArgs, rows: int, positions: int, itemsize: int, wo
     return 2 * args.n_layers * rows * (args.n_kv_heads // world) * positions * args.head_dim * itemsize
 
 
-def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool, lora_r: int = 8) -> int:
+def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing: bool,
+                     lora_r: int = 8) -> int:
     """Bytes the backward keeps for `tokens` (batch x length) positions through the blocks: a frozen
     16-bit base with LoRA on every linear (lora.LoRALinear: the rank-r branch in the activations' dtype).
     Per token and layer, what autograd saves (the frozen linears keep only their weights): per RMSNorm
@@ -71,15 +72,16 @@ def activation_bytes(args: ModelArgs, tokens: int, itemsize: int, checkpointing:
     product down_proj's LoRA reads (F) and the 7 A outputs (7 r), in the base dtype; q, k, v and the
     attention output (2 (H + G) hd in the base dtype; o_proj's LoRA reads the latter as is: SDPA returns
     it in (B, T, H, hd) layout, so the reshape is a view), SDPA's log-sum-exp (H); gate, up and silu
-    outputs (3 F in the base dtype); once for all layers, the RoPE cos / sin (2 hd in the base dtype). Per layer
-    whatever the token count: the base-dtype casts of each LoRA's A (r x in) and (alpha / r) B (out x r).
-    With activation checkpointing only each block's input is kept, plus one block recomputed during its
-    backward."""
+    outputs (3 F in the base dtype); once for all layers, the RoPE cos / sin (2 hd in the base dtype).
+    Per layer whatever the token count: the base-dtype casts of each LoRA's A (r x in) and (alpha / r) B
+    (out x r). With activation checkpointing only each block's input is kept, plus one block recomputed
+    during its backward."""
     D, F, hd = args.dim, args.hidden_dim, args.head_dim
     H, G = args.n_heads, args.n_kv_heads
     per_layer = (2 * (4 * D + 4) + itemsize * (2 * D + F + 7 * lora_r) + itemsize * 2 * (H + G) * hd
                  + 4 * H + itemsize * 3 * F)
-    lora_casts = itemsize * lora_r * (7 * D + 2 * H * hd + 2 * G * hd + 3 * F)  # sum over the 7 linears of in + out
+    # sum over the 7 linears of in + out
+    lora_casts = itemsize * lora_r * (7 * D + 2 * H * hd + 2 * G * hd + 3 * F)
     rope = itemsize * 2 * hd
     if checkpointing:
         return (args.n_layers * itemsize * D + per_layer + rope) * tokens + lora_casts
@@ -198,8 +200,9 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
         "backward transients": backward_transient_bytes(args, tokens, base_itemsize,
                                                         activation_checkpointing),
         # plus the LoRA factors generate casts to the base dtype once per call (lora.LoRALinear.freeze_branch)
-        "gathered decode: whole model": gathered * ((_root_params(args) + args.n_layers * _block_params(args))
-                                                    * base_itemsize + lora_full) + lora_full * base_itemsize // 4,
+        "gathered decode: whole model": gathered * (
+            (_root_params(args) + args.n_layers * _block_params(args)) * base_itemsize + lora_full)
+        + lora_full * base_itemsize // 4,
         "gathered decode: KV cache": kv_cache_bytes(args, gen_batch_size, positions, base_itemsize),
         "gathered decode: prefill": forward_transient_bytes(args, prefill, base_itemsize, lora=True)
         + prefill_mask_bytes(gen_batch_size, max_len),
@@ -215,7 +218,8 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
     phases = {
         "warm-up step": step(tokens // 2),
         "train step": step(tokens),
-        "gathered decode": resident + items["gathered decode: whole model"] + items["gathered decode: KV cache"]
+        "gathered decode": resident + items["gathered decode: whole model"]
+        + items["gathered decode: KV cache"]
         + max(items["gathered decode: prefill"], items["decode: expanded K/V (one layer)"]),
     }
     if tp_supported(args, world):
@@ -243,14 +247,17 @@ def plan_proxy(args: ModelArgs, world: int, *, base_itemsize: int = 2, lora_r: i
 
 def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, proxy_itemsize: int = 2,
                  base_itemsize: int = 2, lora_r: int = 8, batch_size: int = 4, max_len: int = 1024,
-                 cache_batch_size: int = 8, chunk_size: int = 0, activation_checkpointing: bool = False) -> Plan:
+                 cache_batch_size: int = 8, chunk_size: int = 0,
+                 activation_checkpointing: bool = False) -> Plan:
     """train_student.py's phases on each of `world` GPUs: the cache build (frozen proxy shard, no grad)
     and the student's training step (batch_size sequences of max_len). proxy None: --alpha 0."""
     items, phases = {}, {}
     if proxy is not None:
-        items["proxy shard"] = sum(fsdp_param_bytes(s, world, proxy_itemsize) for s in param_shapes(proxy).values())
+        items["proxy shard"] = sum(fsdp_param_bytes(s, world, proxy_itemsize)
+                                   for s in param_shapes(proxy).values())
         unsharded = (_root_params(proxy) + 2 * _block_params(proxy)) * proxy_itemsize
-        items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
+        # a one-rank model is not sharded
+        items["proxy unsharded root + 2 blocks"] = int(world > 1) * unsharded
         tokens = cache_batch_size * max_len
         items["cache build: forward"] = forward_transient_bytes(proxy, tokens, proxy_itemsize)
         chunk = min(chunk_size or fast.default_chunk_size(proxy.vocab_size, "cuda"), tokens)
@@ -270,16 +277,18 @@ def plan_student(proxy: ModelArgs | None, student: ModelArgs, world: int, *, pro
     unsharded = ((_root_params(student) + 2 * _block_params(student)) * base_itemsize
                  + 2 * _lora_params(student, lora_r) * 4 // student.n_layers)
     items["student unsharded root + 2 blocks"] = int(world > 1) * unsharded  # a one-rank model is not sharded
-    items["student activations, no checkpointing"] = activation_bytes(student, tokens, base_itemsize, False, lora_r)
-    items["student activations, checkpointing"] = activation_bytes(student, tokens, base_itemsize, True, lora_r)
+    items["student activations, no checkpointing"] = activation_bytes(
+        student, tokens, base_itemsize, False, lora_r)
+    items["student activations, checkpointing"] = activation_bytes(
+        student, tokens, base_itemsize, True, lora_r)
     items["student loss logits chunk"] = logits_chunk_bytes(student, chunk_size, base_itemsize, tokens)
     items["student backward transients"] = backward_transient_bytes(student, tokens, base_itemsize,
                                                                     activation_checkpointing)
     copy_out = int(world > 1) * (_block_params(student) * base_itemsize
                                  + _lora_params(student, lora_r) * 4 // student.n_layers)
     phases["student step"] = (frozen + 4 * lora + items["student unsharded root + 2 blocks"]
-                              + train_transient_bytes(student, tokens, base_itemsize, activation_checkpointing,
-                                                      lora_r, chunk_size, copy_out))
+                              + train_transient_bytes(student, tokens, base_itemsize,
+                                                      activation_checkpointing, lora_r, chunk_size, copy_out))
     return Plan(items, phases, "", 0)
 
 
@@ -294,13 +303,14 @@ def format_plan(plan: Plan, title: str) -> str:
         lines += ["", f"--sampler auto picks: {plan.sampler} ({budget})"]
         decode = "TP decode" if plan.sampler == "tensor_parallel" else "gathered decode"
         i = plan.items
-        building = decode == "TP decode" and i["TP decode: building the copy"] >= i["TP decode: KV cache"] + max(
-            i["TP decode: prefill"], i["TP decode: expanded K/V (one layer)"])
+        building = decode == "TP decode" and i["TP decode: building the copy"] >= (
+            i["TP decode: KV cache"] + max(i["TP decode: prefill"], i["TP decode: expanded K/V (one layer)"]))
         if decode in over and building:
             lines.append("TP decode does not fit: its peak is building the copy, which --gen_batch_size does "
                          "not change")
         elif decode in over:
-            lines.append(f"{decode} does not fit: lower --gen_batch_size (its KV cache and prefill scale with it)")
+            lines.append(f"{decode} does not fit: lower --gen_batch_size "
+                         f"(its KV cache and prefill scale with it)")
     return "\n".join(lines)
 
 
@@ -311,7 +321,8 @@ def gpu_budget(gpu_memory_gib: float, device: torch.device | None = None) -> int
         return int(gpu_memory_gib * GiB)
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", 0)
-    return torch.cuda.get_device_properties(device).total_memory if device is not None and device.type == "cuda" else 0
+    return (torch.cuda.get_device_properties(device).total_memory
+            if device is not None and device.type == "cuda" else 0)
 
 
 def print_plan(cfg, memory_plan, title: str, trace=None) -> None:

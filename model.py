@@ -385,7 +385,8 @@ class Llama(nn.Module):
                              f"unexpected {sorted(unexpected)[:8]}")
         model.load_state_dict(sd, strict=False, assign=True)
         if args.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+            # assign=True replaced the shared Parameter
+            model.lm_head.weight = model.model.embed_tokens.weight
         return model
 
     def save_pretrained(self, path: str, max_shard_size: int = 5 * 2**30) -> None:
@@ -414,7 +415,8 @@ class Llama(nn.Module):
             size += nbytes
         names = shard_file_names(len(shards))
         for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})  # HF needs "format"
+            # HF needs "format"
+            save_file(shard, os.path.join(path, name + ".tmp"), metadata={"format": "pt"})
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         total = sum(v.numel() * v.element_size() for v in sd.values())
         commit_shards(path, self.args, next(iter(sd.values())).dtype, names, weight_map, total)
@@ -434,11 +436,12 @@ def weight_files(path: str) -> dict[str, str]:
 
 def shard_file_names(n: int) -> list[str]:
     """HF's names of a checkpoint's n safetensors files."""
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return (["model.safetensors"] if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
 
 
-def commit_shards(path: str, args: ModelArgs, dtype: torch.dtype, names: list[str], weight_map: dict[str, str],
-                  total: int) -> None:
+def commit_shards(path: str, args: ModelArgs, dtype: torch.dtype, names: list[str],
+                  weight_map: dict[str, str], total: int) -> None:
     """Finish an HF-format save whose files `names` were written as <name>.tmp: config.json, then the
     files renamed into place, the index / single file last, so a crash leaves the previous checkpoint
     loadable; a leftover of the other layout from an earlier save (which would take precedence on load,
@@ -652,7 +655,8 @@ def _without_cudnn_attention():
     if not (cuda.cudnn_sdp_enabled() and cuda.mem_efficient_sdp_enabled()):
         yield
         return
-    others = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()), (SDPBackend.MATH, cuda.math_sdp_enabled()))
+    others = ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+              (SDPBackend.MATH, cuda.math_sdp_enabled()))
     keep = [SDPBackend.EFFICIENT_ATTENTION] + [b for b, on in others if on]
     with sdpa_kernel(keep):
         yield

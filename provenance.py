@@ -35,8 +35,8 @@ def check_provenance(cfg, n_examples: int, tok: data.Tokenizer) -> tuple[str | N
     checkpoint, the "-align" ablation), which is allowed."""
     path = os.path.join(cfg.proxy, PROVENANCE)
     if not os.path.exists(path):
-        return None, (f"{path} not found (a raw base checkpoint, the -align ablation?): cannot check that D_s "
-                      f"is data the proxy never trained on")
+        return None, (f"{path} not found (a raw base checkpoint, the -align ablation?): "
+                      f"cannot check that D_s is data the proxy never trained on")
     try:
         with open(path) as f:
             theirs = json.load(f)
@@ -47,10 +47,12 @@ def check_provenance(cfg, n_examples: int, tok: data.Tokenizer) -> tuple[str | N
     if not diff:
         return None, None
     return (f"the proxy {cfg.proxy} was trained on another split of the data than this run's D_s ("
-            + "; ".join(diff) + "): pass train_proxy.py's --data and --split_seed, or the proxy trained for them"), None
+            + "; ".join(diff)
+            + "): pass train_proxy.py's --data and --split_seed, or the proxy trained for them"), None
 
 
-def check_proxy_or_exit(cfg, tok: data.Tokenizer, student_vocab: int, n_examples: int, rank: int) -> str | None:
+def check_proxy_or_exit(cfg, tok: data.Tokenizer, student_vocab: int, n_examples: int,
+                        rank: int) -> str | None:
     """Collective. Stops every rank, in one line saying what is wrong, unless cfg.proxy is a readable
     HF-format checkpoint that shares the student's tokenizer and vocabulary (the cached top-k ids must
     mean the same tokens to the student) and was trained on a split whose D_s is this run's
@@ -65,7 +67,8 @@ def check_proxy_or_exit(cfg, tok: data.Tokenizer, student_vocab: int, n_examples
         if proxy_vocab != student_vocab:
             raise ValueError(f"proxy vocab_size {proxy_vocab} != student vocab_size {student_vocab}")
     except (ValueError, OSError) as e:
-        ranks.fail(rank, f"proxy {cfg.proxy} and student {cfg.base} must share the tokenizer and vocabulary: {e}")
+        ranks.fail(rank, f"proxy {cfg.proxy} and student {cfg.base} must share the tokenizer "
+                         f"and vocabulary: {e}")
     # rank 0 hashes the data file once and tells the others: every rank stops alike on a mismatch
     problem, note = ranks.agree(check_provenance(cfg, n_examples, tok) if rank == 0 else None, long=True)
     if problem:

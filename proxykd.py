@@ -227,7 +227,8 @@ def bucket_kl(log_q_k: Tensor, log_q_tail: Tensor | None, p_lp: Tensor) -> Tenso
         # coarse pi_p is always a proper distribution
         p_k = (p_lp - lse_p.clamp(min=0).unsqueeze(-1)).exp()
         p_tail = -torch.expm1(lse_p.clamp(max=0))  # 1 - sum_k p_k, exact for tiny tails
-        kl = (torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
+        kl = ((torch.xlogy(p_k, p_k) - p_k * log_q_k).sum(-1)
+              + torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail)
     else:
         # no tail: renormalise pi_p so that the rounding of the cache cannot make sum_k p_k != 1
         p_k = p_lp.log_softmax(-1).exp()

@@ -19,10 +19,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 @dataclasses.dataclass
 class Launch:
     """How a run uses the machine: the flags both training scripts' Configs inherit."""
-    device: str = "auto"  # auto (a GPU per process when CUDA is there, else the CPU), cuda or cpu; PROXYKD_DEVICE sets auto's
-    deterministic: bool = False  # deterministic kernels, for bitwise-equal resume on CUDA (slower); CPU kernels already are
-    timeout_min: float = 10.0  # a collective waiting longer fails the run: a dead or stuck rank does not hang the others
-    long_timeout_min: float = 120.0  # the waits of the known-long phases: rank 0 hashing data or a proxy, merging a model
+    # auto (a GPU per process when CUDA is there, else the CPU), cuda or cpu; PROXYKD_DEVICE sets auto's
+    device: str = "auto"
+    # deterministic kernels, for bitwise-equal resume on CUDA (slower); CPU kernels already are
+    deterministic: bool = False
+    # a collective waiting longer fails the run: a dead or stuck rank does not hang the others
+    timeout_min: float = 10.0
+    # the waits of the known-long phases: rank 0 hashing data or a proxy, merging a model
+    long_timeout_min: float = 120.0
 
 
 _DEVICE = torch.device("cpu")  # the device init_distributed chose, for everything that places tensors
@@ -47,8 +51,8 @@ def pick_device(requested: str, local_rank: int, n_gpus: int, visible: str | Non
     if n_gpus == 1 and visible is not None and len(visible.split(",")) == 1:
         return torch.device("cuda", 0)
     raise ValueError(f"LOCAL_RANK {local_rank} needs GPU {local_rank}, but this process sees {n_gpus} "
-                     f"(CUDA_VISIBLE_DEVICES={visible!r}): start at most {n_gpus} processes per node, give each "
-                     f"process its own GPU, or pass --device cpu")
+                     f"(CUDA_VISIBLE_DEVICES={visible!r}): start at most {n_gpus} processes per node, "
+                     f"give each process its own GPU, or pass --device cpu")
 
 
 def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.device]:
@@ -65,7 +69,8 @@ def init_distributed(launch: Launch | None = None) -> tuple[int, int, torch.devi
     requested = launch.device if launch.device != "auto" else os.environ.get("PROXYKD_DEVICE", "auto")
     try:
         n_gpus = torch.cuda.device_count() if requested != "cpu" else 0
-        _DEVICE = pick_device(requested, int(os.environ.get("LOCAL_RANK", 0)), n_gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        _DEVICE = pick_device(requested, int(os.environ.get("LOCAL_RANK", 0)), n_gpus,
+                              os.environ.get("CUDA_VISIBLE_DEVICES"))
     except ValueError as e:  # this rank alone may lack its GPU: it says so itself
         print(f"{os.path.basename(sys.argv[0])}: {e}", file=sys.stderr)
         finish(2)

@@ -96,8 +96,9 @@ def remove(out: str, rnd: int, rank: int, world: int) -> None:
 
 def meta(cfg, rnd: int, rank: int, world: int) -> dict[str, str]:
     """What a round file is bound to; a file whose metadata differs is not reused."""
-    keys = ("data", "split_seed", "seed", "max_len", "batch_size", "grad_accum", "rounds", "temperature", "top_p",
-            "greedy", "max_new_tokens", "base", "base_dtype", "prompt_field", "response_field", "system_field")
+    keys = ("data", "split_seed", "seed", "max_len", "batch_size", "grad_accum", "rounds", "temperature",
+            "top_p", "greedy", "max_new_tokens", "base", "base_dtype", "prompt_field", "response_field",
+            "system_field")
     bound = {k: str(getattr(cfg, k)) for k in keys}
     return {"format": FORMAT, "round": str(rnd), "rank": str(rank), "world_size": str(world), **bound}
 

@@ -94,7 +94,8 @@ class Run:
         """Adam (the paper's) or plain SGD at a constant --lr, over the trainable (LoRA) tensors only."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = self.cfg.lr
-        return torch.optim.Adam(params, lr=lr) if self.cfg.optimizer == "adam" else torch.optim.SGD(params, lr=lr)
+        return (torch.optim.Adam(params, lr=lr) if self.cfg.optimizer == "adam"
+                else torch.optim.SGD(params, lr=lr))
 
     # ---- resume and the record ----
 
@@ -106,11 +107,13 @@ class Run:
         """Collective. The newest checkpoint in --out/checkpoints, if any, into the model and optimizer:
         the step, the LoRA, Adam's state, every rank's RNG and the best evaluation. Stops every rank when
         the checkpoint's global batch differs from this run's (its data order would not continue)."""
-        state = checkpoints.load_checkpoint(os.path.join(self.cfg.out, "checkpoints"), self.model, self.optimizer)
+        state = checkpoints.load_checkpoint(os.path.join(self.cfg.out, "checkpoints"), self.model,
+                                            self.optimizer)
         if state is None:
             return
         if state["global_batch"] != self.global_batch:
-            ranks.fail(self.rank, f"checkpoint has global batch {state['global_batch']}, this run {self.global_batch}: "
+            ranks.fail(self.rank, f"checkpoint has global batch {state['global_batch']}, "
+                                  f"this run {self.global_batch}: "
                                   f"same --batch_size * --grad_accum * world size needed to resume")
         self.step, self.best = state["step"], state.get("best")
         self.resumed = True
@@ -136,7 +139,8 @@ class Run:
                 self.log(r)
             if evaluate:
                 self.evaluate({"stage": "init"})
-        self.pbar = tqdm(total=total, initial=self.step, desc=desc, disable=self.rank != 0, dynamic_ncols=True)
+        self.pbar = tqdm(total=total, initial=self.step, desc=desc, disable=self.rank != 0,
+                         dynamic_ncols=True)
         self.reset_clock()
 
     def log(self, record: dict) -> None:
@@ -191,10 +195,11 @@ class Run:
         return bool(self.cfg.stop_after_steps) and self.step == self.cfg.stop_after_steps < self.total
 
     def save_checkpoint(self) -> None:
-        """Collective: the LoRA, optimizer and loop state after self.step steps (checkpoints.save_checkpoint)."""
+        """Collective: the LoRA, optimizer and loop state after self.step steps
+        (checkpoints.save_checkpoint)."""
         state = {"step": self.step, "global_batch": self.global_batch, "best": self.best}
-        checkpoints.save_checkpoint(os.path.join(self.cfg.out, "checkpoints"), self.model, self.optimizer, state,
-                                    self.cfg.keep_checkpoints)
+        checkpoints.save_checkpoint(os.path.join(self.cfg.out, "checkpoints"), self.model, self.optimizer,
+                                    state, self.cfg.keep_checkpoints)
         self.t_log = time.time()  # tokens/s leaves out checkpoint time
 
     def exit_if_stopping(self) -> None:
@@ -216,7 +221,8 @@ class Run:
             best = os.path.join(cfg.out, "best")
             checkpoints.save_final(best, self.model, cfg.tokenizer, cfg.base, dtype, provenance,
                                    adapter_dir=os.path.join(best, "adapter"))
-            self.log({"step": self.step, "best_step": self.best["step"], "best_eval_nll": self.best["eval_nll"]})
+            self.log({"step": self.step, "best_step": self.best["step"],
+                      "best_eval_nll": self.best["eval_nll"]})
         self.log({"step": self.step, "done": True, "final": os.path.join(cfg.out, "final")})
 
 
@@ -288,7 +294,8 @@ def evaluate(model, batches: list[dict], device, loss: str = "fused") -> dict:
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # -log p, agreements, tokens
     for batch in batches:
-        input_ids, labels = data.to_device(batch["input_ids"], device), data.to_device(batch["labels"], device)
+        input_ids, labels = (data.to_device(batch["input_ids"], device),
+                             data.to_device(batch["labels"], device))
         # k = 1: the top-k is the argmax, and seq the teacher-forced log-likelihood
         ids, _, seq = head(model, input_ids, loss, lambda logits: pk.topk_logps(logits, labels, 1),
                            lambda h, w: fast.topk_logps_chunked(h, w, labels, 1))

@@ -31,7 +31,8 @@ def load_base(base_dir: str, dtype=torch.bfloat16) -> Llama:
     return model
 
 
-def load_lora_model(base_dir: str, lora_r: int, lora_alpha: float, lora_dropout: float, dtype=torch.bfloat16) -> Llama:
+def load_lora_model(base_dir: str, lora_r: int, lora_alpha: float, lora_dropout: float,
+                    dtype=torch.bfloat16) -> Llama:
     """HF-format base checkpoint -> Llama with LoRA on every linear of every block (lora.apply_lora),
     still unsharded: pass it to shard_model, which places it on the process group's device.
 
@@ -135,7 +136,8 @@ def load_fsdp_shards(model: nn.Module, ckpt_dir: str, host: dict[str, torch.Tens
     expected = set(params) - set(host)
     unexpected = set(files) - expected - ({"lm_head.weight"} if tied else set())
     if expected - set(files) or unexpected:
-        raise ValueError(f"{ckpt_dir}: checkpoint does not match config.json: missing {sorted(expected - set(files))[:8]}, "
+        raise ValueError(f"{ckpt_dir}: checkpoint does not match config.json: "
+                         f"missing {sorted(expected - set(files))[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
     handles = {}  # one open file per safetensors shard; get_slice reads only the requested rows
     for name, p in params.items():
@@ -152,8 +154,8 @@ def load_fsdp_shards(model: nn.Module, ckpt_dir: str, host: dict[str, torch.Tens
 
 
 @torch.no_grad()
-def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float, out_dir: str, dtype: torch.dtype,
-                max_shard_size: int = 5 * 2**30) -> None:
+def save_merged(base_dir: str, lora_sd: dict[str, torch.Tensor], scaling: float, out_dir: str,
+                dtype: torch.dtype, max_shard_size: int = 5 * 2**30) -> None:
     """Write base + (alpha / r) B A in HF format, one tensor at a time: read a base tensor, cast it to
     `dtype`, merge its adapter (fp32, rounded once: lora.LoRALinear.merge's arithmetic), and add it to
     the output file being filled. Host memory: one output shard (<= max_shard_size) plus one tensor,

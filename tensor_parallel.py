@@ -34,8 +34,9 @@ def tp_args(args: ModelArgs, world: int) -> ModelArgs:
     """The shape of one rank's slice: the same dim, vocab and head_dim, 1/world of the heads and of the
     SwiGLU width. GQA grouping is kept: local query head j reads local kv head j // (H / G)."""
     if not tp_supported(args, world):
-        raise ValueError(f"tensor-parallel decoding needs n_kv_heads={args.n_kv_heads}, n_heads={args.n_heads} "
-                         f"and hidden_dim={args.hidden_dim} divisible by the world size {world}")
+        raise ValueError(f"tensor-parallel decoding needs n_kv_heads={args.n_kv_heads}, "
+                         f"n_heads={args.n_heads} and hidden_dim={args.hidden_dim} "
+                         f"divisible by the world size {world}")
     return dataclasses.replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
                                hidden_dim=args.hidden_dim // world, head_dim=args.head_dim)
 
@@ -97,7 +98,8 @@ def tensor_parallel_copy(model: Llama) -> Llama:
             for sub, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                ("mlp", ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
-                    sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(getattr(getattr(block, sub), name), name, rank, world)
+                    sd[f"model.layers.{i}.{sub}.{name}.weight"] = _merged_slice(
+                        getattr(getattr(block, sub), name), name, rank, world)
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 sd[f"model.layers.{i}.{norm}.weight"] = getattr(block, norm).weight.detach().clone()
     tp.load_state_dict(sd, assign=True)  # the slices are on the model's device already: no .to, no copy
@@ -122,7 +124,8 @@ def tp_generate(tp: Llama, prompts: list[list[int]], gen_batch_size: int, max_ne
     out = []
     for i in range(0, len(flat), gen_batch_size):
         # all_ranks_done: the ranks share one decode, so they must stop at the same step
-        out += generate(tp, flat[i : i + gen_batch_size], max_new_tokens, eos_id, pad_id, all_ranks_done=True, **sampling)
+        out += generate(tp, flat[i : i + gen_batch_size], max_new_tokens, eos_id, pad_id,
+                        all_ranks_done=True, **sampling)
     box = [out]
     dist.broadcast_object_list(box, src=0)
     start = sum(len(ps) for ps in everyone[:rank])

@@ -47,10 +47,11 @@ def world(tmp_path_factory):
     vocab = data.Tokenizer(tok_path).vocab_size
     torch.manual_seed(0)
     proxy, student = str(d / "proxy_base"), str(d / "student_base")
-    Llama(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=256, vocab_size=vocab)).save_pretrained(proxy)
+    Llama(ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, max_seq_len=256,
+                    vocab_size=vocab)).save_pretrained(proxy)
     Llama(dataclasses.replace(ModelArgs.from_name("tiny"), vocab_size=vocab)).save_pretrained(student)
-    common = ["--tokenizer", tok_path, "--data", train, "--eval_data", held_out, "--max_len", "128", "--lr", "1e-3",
-              "--batch_size", "4", "--eval_batch_size", "4", "--seed", "0"]
+    common = ["--tokenizer", tok_path, "--data", train, "--eval_data", held_out, "--max_len", "128",
+              "--lr", "1e-3", "--batch_size", "4", "--eval_batch_size", "4", "--seed", "0"]
     return dict(dir=d, proxy=proxy, student=student, tok=tok_path, data=train, common=common)
 
 
@@ -60,7 +61,8 @@ PROXY = ["--rounds", "3", "--max_new_tokens", "16", "--deterministic", "--save_e
 @pytest.fixture(scope="module")
 def proxy_run(world):
     out = str(world["dir"] / "proxy_gathered")
-    ok(cuda_launch(["--base", world["proxy"], *world["common"], *PROXY, "--sampler", "gathered", "--out", out]))
+    ok(cuda_launch(["--base", world["proxy"], *world["common"], *PROXY,
+                    "--sampler", "gathered", "--out", out]))
     return out
 
 
@@ -70,7 +72,8 @@ def test_proxy_trains_on_cuda_with_both_samplers(world, proxy_run):
     which auto never picks) trains too."""
     for out in (proxy_run, str(world["dir"] / "proxy_tp")):
         if out != proxy_run:
-            ok(cuda_launch(["--base", world["proxy"], *world["common"], *PROXY, "--sampler", "tensor_parallel", "--out", out]))
+            ok(cuda_launch(["--base", world["proxy"], *world["common"], *PROXY,
+                            "--sampler", "tensor_parallel", "--out", out]))
         steps = steps_of(out)
         assert steps and all(math.isfinite(r["loss"]) for r in steps)
         firsts = [next(r for r in steps if r.get("round") == i) for i in (1, 2, 3)]
@@ -108,7 +111,8 @@ def test_student_caches_on_cuda_and_standardises_over_d_s(world, proxy_run):
     assert set(cache.where) == set(d_s)
     s = torch.tensor([cache.seq[i] for i in d_s], dtype=torch.float64)
     rec = next(r for r in metrics(out) if r.get("phase") == "weights")
-    assert rec["mu"] == pytest.approx(s.mean().item(), rel=1e-9) and rec["gamma"] == pytest.approx(s.std(unbiased=False).item(), rel=1e-9)
+    assert (rec["mu"] == pytest.approx(s.mean().item(), rel=1e-9)
+            and rec["gamma"] == pytest.approx(s.std(unbiased=False).item(), rel=1e-9))
     assert all(math.isfinite(r["loss"]) and r["wkl"] > 0 for r in steps_of(out))
 
 
@@ -127,7 +131,8 @@ def test_fused_heads_on_cuda_match_fp64_cpu(dtype):
     ref_lp = pk.sequence_logps(h.double() @ w.double().T, labels)
 
     h_gpu = h.cuda().requires_grad_()
-    out = fast.student_loss_fused(h_gpu, w.cuda(), labels.cuda(), ids.cuda(), lps.cuda(), weights.cuda(), alpha=10.0)
+    out = fast.student_loss_fused(h_gpu, w.cuda(), labels.cuda(), ids.cuda(), lps.cuda(), weights.cuda(),
+                                  alpha=10.0)
     out.loss.backward()
     lp = fast.sequence_logps_fused(h.cuda(), w.cuda(), labels.cuda())
     torch.testing.assert_close(out.loss.double().cpu(), ref.loss.detach(), **tol)
@@ -138,8 +143,9 @@ def test_fused_heads_on_cuda_match_fp64_cpu(dtype):
 
 def test_benchmark_on_cuda_reports_mfu(tmp_path):
     out = str(tmp_path / "bench.md")
-    p = run_in_session([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--configs", "tiny", "--steps", "2",
-                        "--out", out], {**os.environ, "PYTHONUNBUFFERED": "1"}, 600, device="cuda")
+    p = run_in_session([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--configs", "tiny",
+                        "--steps", "2", "--out", out],
+                       {**os.environ, "PYTHONUNBUFFERED": "1"}, 600, device="cuda")
     assert p.returncode == 0, p.stderr[-3000:]
     with open(os.path.splitext(out)[0] + ".json") as f:
         (row,) = json.load(f)["rows"]
@@ -323,7 +329,8 @@ def test_training_steps_sync_once_on_cuda(tmp_path):
     import train_student
     from run import Run
 
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
     try:
         g = torch.Generator().manual_seed(0)
         V = 512
@@ -354,11 +361,13 @@ def test_training_steps_sync_once_on_cuda(tmp_path):
             def rows(self, ids):
                 return [rows[i] for i in ids]
 
-        steps = {"proxy": lambda: train_proxy.train_step(Run(train_proxy.Config(), device=torch.device("cuda", 0),
+        steps = {"proxy": lambda: train_proxy.train_step(Run(train_proxy.Config(),
+                                                             device=torch.device("cuda", 0),
                                                              model=model, optimizer=opt), pairs),
-                 "student": lambda: train_student.student_step(Run(train_student.Config(), device=torch.device("cuda", 0),
-                                                                   model=model, optimizer=opt), micro, Cache(),
-                                                               {i: 0.5 for i in encoded})}
+                 "student": lambda: train_student.student_step(Run(train_student.Config(),
+                                                                   device=torch.device("cuda", 0),
+                                                                   model=model, optimizer=opt),
+                                                               micro, Cache(), {i: 0.5 for i in encoded})}
         opt = torch.optim.SGD(params, lr=1e-3)
         for name, step in steps.items():
             step()  # warm: kernels, allocator, pinned host blocks
@@ -397,7 +406,8 @@ def test_memory_plan_holds_on_cuda(tmp_path):
 
     args = ModelArgs(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000)
     B, T, P, gen_rows, new = 2, 512, 128, 8, 32
-    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
     try:
         torch.manual_seed(0)
         model = lora.apply_lora(Llama(args).to(torch.bfloat16), r=8, alpha=16)
@@ -406,7 +416,8 @@ def test_memory_plan_holds_on_cuda(tmp_path):
         g = torch.Generator().manual_seed(0)
         encoded = {i: {"input_ids": (ids := torch.randint(4, args.vocab_size, (T,), generator=g).tolist()),
                        "labels": [-100] * P + ids[P:]} for i in range(2 * B)}
-        batch = data.make_batch(list(range(B)), encoded, 0, "cuda", extra=[encoded[i] for i in range(B, 2 * B)])
+        batch = data.make_batch(list(range(B)), encoded, 0, "cuda",
+                                extra=[encoded[i] for i in range(B, 2 * B)])
         batch["ref_chosen"] = batch["ref_rejected"] = torch.zeros(B, device="cuda")
         run = Run(train_proxy.Config(), device=torch.device("cuda", 0), model=model, optimizer=opt)
         plan = memory_plan.plan_proxy(args, 1, base_itemsize=2, lora_r=8, batch_size=B, max_len=T,
@@ -427,8 +438,8 @@ def test_memory_plan_holds_on_cuda(tmp_path):
         got["gathered decode"] = peak(lambda: generate(model, prompts, new, eos_id=-1, pad_id=0,
                                                        generator=torch.Generator().manual_seed(0)))
         for phase, used in got.items():
-            print(f"{phase}: allocated at most {used / 2**30:.3f} GiB, planned {plan.phases[phase] / 2**30:.3f} GiB",
-                  flush=True)
+            print(f"{phase}: allocated at most {used / 2**30:.3f} GiB, "
+                  f"planned {plan.phases[phase] / 2**30:.3f} GiB", flush=True)
             assert abs(used / plan.phases[phase] - 1) <= 0.15, (phase, used, plan.phases[phase])
     finally:
         dist.destroy_process_group()

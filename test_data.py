@@ -56,7 +56,8 @@ def test_reader_errors_name_file_line_and_what(tmp_path, line, what):
 
 def test_reader_rejects_non_utf8_and_empty_files(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(GOOD.encode() + b"\n" + '{"prompt": "caf\u00e9", "response": "r"}'.encode("latin-1") + b"\n")
+    path.write_bytes(GOOD.encode() + b"\n" + '{"prompt": "caf\u00e9", "response": "r"}'.encode("latin-1")
+                     + b"\n")
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8")):
         data.read_jsonl(str(path))
     empty = tmp_path / "empty.jsonl"
@@ -67,13 +68,15 @@ def test_reader_rejects_non_utf8_and_empty_files(tmp_path):
 
 def test_reader_counts_blank_lines_and_keeps_order(tmp_path):
     rows = [{"prompt": f"q{i}", "response": f"a{i}", "extra": i} for i in range(5)]
-    lines = [json.dumps(rows[0]), "", json.dumps(rows[1]), "   ", json.dumps(rows[2]), json.dumps(rows[3]), "", json.dumps(rows[4])]
+    lines = [json.dumps(rows[0]), "", json.dumps(rows[1]), "   ", json.dumps(rows[2]), json.dumps(rows[3]),
+             "", json.dumps(rows[4])]
     path = tmp_path / "ok.jsonl"
     path.write_text("\n".join(lines) + "\n")
     stats = {}
     exs = data.read_jsonl(str(path), stats=stats)
     assert stats == {"lines": len(lines), "blank": 3, "examples": 5}
-    assert [(e.prompt, e.response, e.system) for e in exs] == [(r["prompt"], r["response"], None) for r in rows]
+    assert ([(e.prompt, e.response, e.system) for e in exs]
+            == [(r["prompt"], r["response"], None) for r in rows])
     assert [e.where for e in exs] == [f"{path}:{i + 1}" for i, l in enumerate(lines) if l.strip()]
 
 
@@ -83,9 +86,12 @@ def test_openorca_fields(tmp_path):
             {"id": "c", "system_prompt": None, "question": "Q3?", "response": "R3."}]
     path = tmp_path / "orca.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    exs = data.read_jsonl(str(path), prompt_field="question", response_field="response", system_field="system_prompt")
-    assert [(e.system, e.prompt, e.response) for e in exs] == [("You are helpful.", "Q1?", "R1."), (None, "Q2?", "R2."), (None, "Q3?", "R3.")]
-    assert data.format_prompt(exs[0].system, exs[0].prompt).startswith("You are helpful.\n\n### Question:\nQ1?")
+    exs = data.read_jsonl(str(path), prompt_field="question", response_field="response",
+                          system_field="system_prompt")
+    assert [(e.system, e.prompt, e.response) for e in exs] == [("You are helpful.", "Q1?", "R1."),
+                                                                (None, "Q2?", "R2."), (None, "Q3?", "R3.")]
+    assert data.format_prompt(exs[0].system, exs[0].prompt).startswith(
+        "You are helpful.\n\n### Question:\nQ1?")
     assert data.format_prompt(exs[1].system, exs[1].prompt) == "### Question:\nQ2?\n\n### Answer:\n"
     with pytest.raises(ValueError, match=re.escape(f"{path}:1: missing field 'prompt'")):
         data.read_jsonl(str(path))  # default field names do not fit OpenOrca
@@ -118,7 +124,8 @@ def test_truncation_policy_and_counts(demo):
         p = tok.encode(data.format_prompt(ex.system, ex.prompt))
         r = tok.encode(ex.response, eos=True)
         full = 1 + len(p) + len(r)
-        for max_len in sorted({2, 3, 5, len(r), len(p), full - 1, full, full + 3, *rng.sample(range(2, full + 5), 8)}):
+        for max_len in sorted({2, 3, 5, len(r), len(p), full - 1, full, full + 3,
+                               *rng.sample(range(2, full + 5), 8)}):
             if max_len < 2:
                 continue
             stats, before = {}, data.COUNTS["truncated"]
@@ -149,8 +156,10 @@ def test_collate_right_pads(demo):
     assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
     for b, e in enumerate(encs):
         n = len(e["input_ids"])
-        assert batch["input_ids"][b, :n].tolist() == e["input_ids"] and batch["labels"][b, :n].tolist() == e["labels"]
-        assert (batch["input_ids"][b, n:] == tok.pad_id).all() and (batch["labels"][b, n:] == data.IGNORE_INDEX).all()
+        assert (batch["input_ids"][b, :n].tolist() == e["input_ids"]
+                and batch["labels"][b, :n].tolist() == e["labels"])
+        assert ((batch["input_ids"][b, n:] == tok.pad_id).all()
+                and (batch["labels"][b, n:] == data.IGNORE_INDEX).all())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -173,10 +182,14 @@ def test_split_sizes_disjoint_complete_seeded(n):
 def test_split_and_batches_independent_of_python_hash_seed():
     # this process runs under a random hash seed (unless the caller fixed one); the child under a fixed one
     code = ("import json; import data; "
-            "print(json.dumps([data.split_indices(500, 7), data.rank_batches(list(range(50)), 4, 1, 3, 7, epoch=2)]))")
-    env = {**os.environ, "PYTHONHASHSEED": "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == [data.split_indices(500, 7), data.rank_batches(list(range(50)), 4, 1, 3, 7, epoch=2)]
+            "print(json.dumps([data.split_indices(500, 7), "
+            "data.rank_batches(list(range(50)), 4, 1, 3, 7, epoch=2)]))")
+    env = {**os.environ,
+           "PYTHONHASHSEED": "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == [data.split_indices(500, 7),
+                               data.rank_batches(list(range(50)), 4, 1, 3, 7, epoch=2)]
 
 
 @pytest.mark.parametrize("n, k", [(0, 3), (5, 1), (36, 2), (37, 4), (100, 16), (3, 5)])
@@ -188,7 +201,8 @@ def test_round_shards(n, k):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-@pytest.mark.parametrize("n, batch_size, world", [(1, 1, 1), (7, 2, 3), (36, 4, 2), (37, 4, 2), (100, 8, 1), (10, 3, 4), (64, 8, 8)])
+@pytest.mark.parametrize("n, batch_size, world", [(1, 1, 1), (7, 2, 3), (36, 4, 2), (37, 4, 2), (100, 8, 1),
+                                                  (10, 3, 4), (64, 8, 8)])
 def test_rank_batches_lockstep_and_cover(n, batch_size, world):
     indices = sorted(random.Random(n).sample(range(1000), n))
     per_rank = [data.rank_batches(indices, batch_size, r, world, seed=1, epoch=0) for r in range(world)]
@@ -246,9 +260,11 @@ def test_check_same_vocab(demo, tmp_path):
     other_path = str(tmp_path / "other.jsonl")
     with open(other_path, "w") as f:
         for i in range(300):
-            f.write(json.dumps({"prompt": f"Spell the word number {i} backwards.", "response": f"Reversed: {str(i)[::-1]} xyz qrs."}) + "\n")
+            f.write(json.dumps({"prompt": f"Spell the word number {i} backwards.",
+                                "response": f"Reversed: {str(i)[::-1]} xyz qrs."}) + "\n")
     other = data.Tokenizer(demo_world.train_demo_tokenizer([other_path], str(tmp_path / "other"), 120))
-    small2 = data.Tokenizer(demo_world.train_demo_tokenizer([demo["path"]], str(tmp_path / "small2"), other.vocab_size))
+    small2 = data.Tokenizer(demo_world.train_demo_tokenizer([demo["path"]], str(tmp_path / "small2"),
+                                                            other.vocab_size))
     assert small2.vocab_size == other.vocab_size
     with pytest.raises(ValueError, match="first difference at id"):
         data.check_same_vocab(small2, other)
@@ -257,8 +273,9 @@ def test_check_same_vocab(demo, tmp_path):
 def test_tokenizer_without_pad_falls_back_to_eos(demo, tmp_path):
     import sentencepiece as spm
     texts = [e.response for e in demo["examples"]]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "nopad"), vocab_size=80,
-                                   model_type="bpe", pad_id=-1, hard_vocab_limit=False, minloglevel=2, num_threads=1)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(tmp_path / "nopad"),
+                                   vocab_size=80, model_type="bpe", pad_id=-1, hard_vocab_limit=False,
+                                   minloglevel=2, num_threads=1)
     tok = data.Tokenizer(str(tmp_path / "nopad.model"))
     assert tok.sp.pad_id() == -1 and tok.pad_id == tok.eos_id
 

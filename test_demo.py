@@ -71,7 +71,8 @@ def brute_force_answer(prompt: str) -> int:
 @pytest.mark.parametrize("rich", [False, True])
 def test_teacher_always_right_and_arithmetic_checks(rich):
     prompts = demo_world.make_demo_prompts(600, seed=11)
-    assert prompts == demo_world.make_demo_prompts(600, seed=11) and prompts != demo_world.make_demo_prompts(600, seed=12)
+    assert (prompts == demo_world.make_demo_prompts(600, seed=11)
+            and prompts != demo_world.make_demo_prompts(600, seed=12))
     rng = np.random.default_rng(0)
     for p in prompts:
         truth = brute_force_answer(p)
@@ -87,7 +88,8 @@ def test_teacher_always_right_and_arithmetic_checks(rich):
             assert len(eqs) == steps, "one equation per step"
         for a, op, b, c in eqs:
             assert int(c) == (int(a) + int(b) if op in ("+", "plus") else int(a) - int(b)) >= 0
-        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]] or rich, "each step starts from the last"
+        assert [int(a) for a, *_ in eqs[1:]] == [int(c) for *_, c in eqs[:-1]] or rich, (
+            "each step starts from the last")
 
 
 def test_base_reply_right_but_not_in_teacher_form():
@@ -110,7 +112,8 @@ def test_rich_teacher_branches_more():
     assert len(rich) == len(default) and all(len(r) >= 2 * len(d) for r, d in zip(rich, default))
     assert all(math.isclose(sum(p for _, p in options), 1.0) for options in rich)
     replies = {demo_world.demo_teacher(prompt, np.random.default_rng(s), rich=True) for s in range(60)}
-    assert len(replies) == 60 and {demo_world.extract_answer(r) for r in replies} == {demo_world.reference_answer(prompt)}
+    assert len(replies) == 60 and ({demo_world.extract_answer(r) for r in replies}
+                                   == {demo_world.reference_answer(prompt)})
 
 
 def test_teacher_phrasing_branches():
@@ -120,12 +123,14 @@ def test_teacher_phrasing_branches():
     assert {demo_world.extract_answer(r) for r in replies} == {demo_world.reference_answer(prompt)}
     endings = {re.sub(r"\d+", "N", r.rsplit(". ", 1)[-1]).replace(prompt.split()[0], "NAME") for r in replies}
     assert len(endings) == 4, endings  # all four answer forms occur
-    assert demo_world.demo_teacher(prompt, 3) == demo_world.demo_teacher(prompt, 3), "a seeded teacher is reproducible"
+    assert demo_world.demo_teacher(prompt, 3) == demo_world.demo_teacher(prompt, 3), (
+        "a seeded teacher is reproducible")
 
 
 def test_extract_answer_forms():
-    for text, want in [("The answer is 12.", "12"), ("x. Answer: 7", "7"), ("#### 40", "40"), ("In the end, Mia has 3.", "3"),
-                       ("The answer is 4. No wait, #### 05", "5"), ("Mia has 3 apples.", None), ("", None)]:
+    for text, want in [("The answer is 12.", "12"), ("x. Answer: 7", "7"), ("#### 40", "40"),
+                       ("In the end, Mia has 3.", "3"), ("The answer is 4. No wait, #### 05", "5"),
+                       ("Mia has 3 apples.", None), ("", None)]:
         assert demo_world.extract_answer(text) == want, text
 
 
@@ -241,7 +246,8 @@ def test_rich_teacher_entropy_rises_several_fold(tok, rich_tok):
     for rich, t in ((False, tok), (True, rich_tok)):
         prompts = demo_world.make_demo_prompts(30, seed=8)
         rng = np.random.default_rng(2)
-        dists = [d for p in prompts for d in demo_world.teacher_next_token_dists(t, p, demo_world.demo_teacher(p, rng, rich), rich)]
+        dists = [d for p in prompts for d in demo_world.teacher_next_token_dists(
+            t, p, demo_world.demo_teacher(p, rng, rich), rich)]
         measured[rich] = demo_world.teacher_entropy(dists)
     assert all(r >= 2.5 * d > 0 for r, d in zip(measured[True], measured[False])), measured
 
@@ -255,8 +261,10 @@ def test_prompt_ranges():
         for verb, k in steps:
             running += demo_world._VERBS[verb][1] * k
             assert running >= 0
-        assert demo_world.reference_answer(p) == str(running) == demo_world.extract_answer(demo_world.demo_teacher(p, 0))
-    assert demo_world.make_demo_prompts(50, seed=4) == demo_world.make_demo_prompts(50, seed=4, steps=(2, 3), start=(2, 20), k=(1, 9))
+        assert (demo_world.reference_answer(p) == str(running)
+                == demo_world.extract_answer(demo_world.demo_teacher(p, 0)))
+    assert demo_world.make_demo_prompts(50, seed=4) == demo_world.make_demo_prompts(
+        50, seed=4, steps=(2, 3), start=(2, 20), k=(1, 9))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,7 +279,8 @@ def test_demo_tokenizer(demo):
         for text in (data.format_prompt(ex.system, ex.prompt), ex.response):
             ids = tok.encode(text)
             assert tok.decode(ids) == text and 0 not in ids, "round trip, no unk"
-            assert all(len(s) == 1 for s in map(tok.sp.id_to_piece, ids) if any(c.isdigit() for c in s)), "digits split"
+            assert all(len(s) == 1 for s in map(tok.sp.id_to_piece, ids)
+                       if any(c.isdigit() for c in s)), "digits split"
         assert tok.encode("x", bos=True, eos=True) == [tok.bos_id, *tok.encode("x"), tok.eos_id]
         # the demo data fits the demo's max_len with room to spare
         assert len(data.encode_example(tok, ex, 10_000)["input_ids"]) <= 128
@@ -292,7 +301,8 @@ def load_script(name: str):
     import importlib.util
     saved = dict(os.environ)
     try:
-        spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(os.path.dirname(__file__), "scripts", f"{name}.py"))
+        spec = importlib.util.spec_from_file_location(
+            f"{name}_script", os.path.join(os.path.dirname(__file__), "scripts", f"{name}.py"))
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:

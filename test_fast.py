@@ -45,7 +45,8 @@ def test_topk_logps_chunked_equals_reference(k):
     for chunk in (1, 4, None, 1000):
         ids, lps, seq = fast.topk_logps_chunked(hidden, W, labels, k, chunk)
         assert ids.dtype == torch.int32 and ids.shape == lps.shape == (B, T - 1, k)
-        torch.testing.assert_close(lps, ref_lps, rtol=1e-12, atol=1e-12)  # sorted descending, like the reference
+        # sorted descending, like the reference
+        torch.testing.assert_close(lps, ref_lps, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(seq, ref_seq, rtol=1e-12, atol=1e-12)
         assert (ids.long().sort(-1).values.diff(dim=-1) > 0).all()  # k distinct tokens
         torch.testing.assert_close(full.gather(-1, ids.long()), lps, rtol=1e-12, atol=1e-12)
@@ -111,8 +112,10 @@ def test_fused_equals_reference_values_and_grads(trainable_w, k):
         pairs = [
             (lambda: pk.token_logps(hidden @ W.T, labels).pow(2).sum(),
              lambda: fast.token_logps_fused(hidden, W, labels, chunk).pow(2).sum()),
-            (lambda: pk.nll_loss(hidden @ W.T, labels, 7.0), lambda: fast.nll_loss_fused(hidden, W, labels, 7.0, chunk)),
-            (lambda: pk.nll_loss(hidden @ W.T, labels), lambda: fast.nll_loss_fused(hidden, W, labels, chunk_size=chunk)),
+            (lambda: pk.nll_loss(hidden @ W.T, labels, 7.0),
+             lambda: fast.nll_loss_fused(hidden, W, labels, 7.0, chunk)),
+            (lambda: pk.nll_loss(hidden @ W.T, labels),
+             lambda: fast.nll_loss_fused(hidden, W, labels, chunk_size=chunk)),
             (lambda: dpo(pk.sequence_logps(hidden @ W.T, labels)),
              lambda: dpo(fast.sequence_logps_fused(hidden, W, labels, chunk))),
             (lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights, alpha=3.0, n_tokens=11.0).loss,
@@ -129,7 +132,8 @@ def test_fused_equals_reference_values_and_grads(trainable_w, k):
             torch.testing.assert_close(b, a.detach(), rtol=1e-10, atol=1e-12)
         assert not (out.nll.requires_grad or out.wkl.requires_grad or out.kl.requires_grad)
     with torch.no_grad():  # no gradient wanted: values only
-        torch.testing.assert_close(fast.sequence_logps_fused(hidden, W, labels, 4), pk.sequence_logps(hidden @ W.T, labels))
+        torch.testing.assert_close(fast.sequence_logps_fused(hidden, W, labels, 4),
+                                   pk.sequence_logps(hidden @ W.T, labels))
 
 
 def test_fused_tail_bucket_when_student_is_peaked():
@@ -191,7 +195,8 @@ def test_fused_keeps_no_vocab_sized_tensor_for_backward():
         return [tuple(r().shape) for r in saved if r() is not None]
 
     unchunked = saved_shapes(lambda: pk.student_loss(hidden @ W.T, labels, ids, lps, weights).loss)
-    fused = saved_shapes(lambda: fast.student_loss_fused(hidden, W.detach(), labels, ids, lps, weights, chunk_size=4).loss)
+    fused = saved_shapes(
+        lambda: fast.student_loss_fused(hidden, W.detach(), labels, ids, lps, weights, chunk_size=4).loss)
     assert any(s and s[-1] == V for s in unchunked)  # the probe sees full logits when they are kept
     assert fused and not any(s and s[-1] == V for s in fused)
 
@@ -250,15 +255,18 @@ def test_training_steps_give_the_same_step_with_either_loss_head():
         encoded = {i: example(3 + i % 4, 4 + 2 * i) for i in range(5)}
         rows = [example(3 + i % 4, 2 + i) for i in range(5)]  # the proxy's own replies y_hat
         micro = [data.make_batch(m, encoded, 0, "cpu") for m in ([0, 1, 2], [3, 4])]
-        pairs = [data.make_batch(m, encoded, 0, "cpu", extra=[rows[i] for i in m]) for m in ([0, 1, 2], [3, 4])]
+        pairs = [data.make_batch(m, encoded, 0, "cpu", extra=[rows[i] for i in m])
+                 for m in ([0, 1, 2], [3, 4])]
         for b in pairs:
-            b["ref_chosen"], b["ref_rejected"] = -torch.rand(b["n"], generator=g) * 20, -torch.rand(b["n"], generator=g) * 20
+            b["ref_chosen"], b["ref_rejected"] = (-torch.rand(b["n"], generator=g) * 20,
+                                                  -torch.rand(b["n"], generator=g) * 20)
 
         class Cache:  # random top-k rows per response token
             def __init__(self):
                 n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
                 self.r = {i: (torch.randint(0, V, (n[i], k), generator=g, dtype=torch.int32),
-                              torch.log_softmax(torch.randn(n[i], k + 1, generator=g), -1)[:, :k].half()) for i in n}
+                              torch.log_softmax(torch.randn(n[i], k + 1, generator=g), -1)[:, :k].half())
+                          for i in n}
 
             def rows(self, ids):
                 return [self.r[i] for i in ids]
@@ -277,7 +285,8 @@ def test_training_steps_give_the_same_step_with_either_loss_head():
                     for p, s in zip(params, start):
                         p.copy_(s)
                 script = train_proxy if name.startswith("proxy") else train_student
-                cfg = script.Config(loss=loss, chunk_size=3, **({"beta": 0.5} if script is train_proxy else {"alpha": 2.0}))
+                cfg = script.Config(loss=loss, chunk_size=3,
+                                    **({"beta": 0.5} if script is train_proxy else {"alpha": 2.0}))
                 logged = step(Run(cfg, model=model, optimizer=torch.optim.SGD(params, lr=1.0)))
                 out[loss] = (logged, [p.detach() - s for p, s in zip(params, start)])
             (ref, d_ref), (fused, d_fused) = out["reference"], out["fused"]

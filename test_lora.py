@@ -111,7 +111,8 @@ def test_adapter_save_load_round_trip(tmp_path):
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", "CAUSAL_LM", 4, 8.0)
-    assert sorted(cfg["target_modules"]) == sorted(lora.TARGETS) and cfg["base_model_name_or_path"] == "/some/base"
+    assert (sorted(cfg["target_modules"]) == sorted(lora.TARGETS)
+            and cfg["base_model_name_or_path"] == "/some/base")
     assert not list(tmp_path.glob("*.tmp"))
 
     tokens = torch.randint(0, 64, (2, 7))

@@ -10,12 +10,13 @@ from model import Llama, ModelArgs, rope_cos_sin
 def test_plan_70b_fits_80gb_with_tensor_parallel_sampling():
     """The paper's setting: every phase of the picked sampler under 80 GiB per GPU on 8 GPUs; the
     gathered decode (the whole bf16 proxy per GPU) does not fit, so auto picks tensor_parallel."""
-    plan = memory_plan.plan_proxy(ModelArgs.from_name("llama-2-70b"), 8, batch_size=2, activation_checkpointing=True,
-                               budget=80 * memory_plan.GiB)
+    plan = memory_plan.plan_proxy(ModelArgs.from_name("llama-2-70b"), 8, batch_size=2,
+                                  activation_checkpointing=True, budget=80 * memory_plan.GiB)
     assert plan.sampler == "tensor_parallel"
     assert plan.phases["gathered decode"] > 80 * memory_plan.GiB
     assert max(plan.phases["train step"], plan.phases["TP decode"]) < 80 * memory_plan.GiB
-    small = memory_plan.plan_proxy(ModelArgs.from_name("llama-2-7b"), 8, batch_size=2, budget=80 * memory_plan.GiB)
+    small = memory_plan.plan_proxy(ModelArgs.from_name("llama-2-7b"), 8, batch_size=2,
+                                   budget=80 * memory_plan.GiB)
     assert small.sampler == "gathered"
 
 

@@ -78,7 +78,8 @@ def test_llama2_presets_have_the_published_parameter_counts(name, n_params):
 
 
 def reference_attention(attn, x, position_ids, key_valid=None):
-    """Brute force: kv heads repeated explicitly, softmax(q k^T / sqrt(hd) + mask) v, causal (+ key padding)."""
+    """Brute force: kv heads repeated explicitly, softmax(q k^T / sqrt(hd) + mask) v, causal
+    (+ key padding)."""
     B, T, _ = x.shape
     H, G, hd = attn.n_heads, attn.n_kv_heads, attn.head_dim
     q = attn.q_proj(x).view(B, T, H, hd).transpose(1, 2)
@@ -194,7 +195,8 @@ def test_kv_cache_forward_matches_full_forward():
     with torch.no_grad():
         full = model(tokens)
         cache = KVCache(max_len=10)
-        steps = [model(tokens[:, :6], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in range(6, 10)]
+        steps = ([model(tokens[:, :6], cache=cache)]
+                 + [model(tokens[:, t : t + 1], cache=cache) for t in range(6, 10)])
     assert cache.len == 10
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -488,7 +490,8 @@ def test_generate_under_fsdp2_lets_ranks_stop_independently(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env) for r in range(2)]
     try:
-        outs = [p.communicate(timeout=90)[0] for p in procs]  # a hang (a decode forward doing a collective) fails here
+        # a hang (a decode forward doing a collective) fails here
+        outs = [p.communicate(timeout=90)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()

@@ -1,6 +1,6 @@
-"""The machine-facing parts of a run (ranks.py, the training steps, the sampler's pick), checked on the CPU: the device each rank takes, the collective
-timeouts (a stuck rank stops the run; the known-long phases may wait), the host syncs of a training step,
-and the stop when no sampler fits the memory plan."""
+"""The machine-facing parts of a run (ranks.py, the training steps, the sampler's pick), checked on the CPU:
+the device each rank takes, the collective timeouts (a stuck rank stops the run; the known-long phases
+may wait), the host syncs of a training step, and the stop when no sampler fits the memory plan."""
 
 import os
 import sys
@@ -53,8 +53,8 @@ def world(tmp_path_factory):
     base = str(d / "base")
     Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=128,
                     vocab_size=data.Tokenizer(tok_path).vocab_size)).save_pretrained(base)
-    common = ["--base", base, "--tokenizer", tok_path, "--data", train, "--max_len", "96", "--base_dtype", "float32",
-              "--batch_size", "1", "--save_every", "0"]
+    common = ["--base", base, "--tokenizer", tok_path, "--data", train, "--max_len", "96",
+              "--base_dtype", "float32", "--batch_size", "1", "--save_every", "0"]
     return dict(dir=d, base=base, tok=data.Tokenizer(tok_path), data=train, common=common)
 
 
@@ -73,7 +73,8 @@ def test_stuck_rank_times_out_and_long_phases_may_wait(world):
     for good after its first step stops the run after the short timeout, not the default 10 minutes."""
     out = str(world["dir"] / "stuck")
     t0 = time.time()
-    p = launch(world["common"] + ["--out", out, "--rounds", "0", "--timeout_min", "0.1", "--long_timeout_min", "2"],
+    p = launch(world["common"] + ["--out", out, "--rounds", "0", "--timeout_min", "0.1",
+                                  "--long_timeout_min", "2"],
                env={"PROXYKD_CRASH_AT": "provenance:1:0:sleep=9,step:1:1:hang"})
     assert p.returncode != 0
     assert [r["step"] for r in steps_of(out)] == [1], "the long phase passed, the stuck rank stopped the run"
@@ -86,10 +87,10 @@ STEP_CODE = ("train_proxy.py", "train_student.py", "fast.py", "proxykd.py", "run
 class HostTraffic(TorchDispatchMode):
     """Counts what would make a GPU wait for the host, or the host for a GPU, on the CPU where neither
     waits: reads of a device value (`syncs`: a scalar read or a truth test, nonzero's data-dependent size,
-    tolist / cpu / numpy), and copies of
-    host data to the device (`stray`: torch.tensor(..., device=...), Tensor.to(<device>) and a Python number
-    assigned into a tensor in the step's own code, pageable and blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On
-    the CPU every tensor is a host tensor, so any Tensor.to(<device>) outside data.to_device counts."""
+    tolist / cpu / numpy), and copies of host data to the device (`stray`: torch.tensor(..., device=...),
+    Tensor.to(<device>) and a Python number assigned into a tensor in the step's own code, pageable and
+    blocking on a GPU; `pinned`: data.to_device, the one sanctioned way, pinned and non-blocking). On the
+    CPU every tensor is a host tensor, so any Tensor.to(<device>) outside data.to_device counts."""
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -166,10 +167,11 @@ def test_training_steps_wait_for_the_host_once(world, monkeypatch):
                          torch.log_softmax(torch.randn(n, 5), -1)[:, :4].half())
                         for n in (sum(y != -100 for y in encoded[i]["labels"][1:]) for i in b_ids)]
 
-        steps = {1: lambda: train_proxy.train_step(Run(train_proxy.Config(), model=model, optimizer=opt), micro),
-                 1 + 3 * len(micro): lambda: train_student.student_step(Run(train_student.Config(), model=model,
-                                                                            optimizer=opt), micro, Cache(),
-                                                                        {i: 0.5 for i in ids})}
+        steps = {1: lambda: train_proxy.train_step(
+                     Run(train_proxy.Config(), model=model, optimizer=opt), micro),
+                 1 + 3 * len(micro): lambda: train_student.student_step(
+                     Run(train_student.Config(), model=model, optimizer=opt), micro, Cache(),
+                     {i: 0.5 for i in ids})}
         for copies, step in steps.items():
             with monkeypatch.context() as m, HostTraffic(m) as c:
                 out = step()
@@ -188,6 +190,8 @@ def test_auto_sampler_at_one_rank_never_picks_tensor_parallel(world):
     small = 1 << 20  # bytes: nothing fits
     assert memory_plan.plan_proxy(args, 1, budget=small).sampler == "gathered"
     assert memory_plan.plan_proxy(args, 2, budget=small).sampler == "tensor_parallel"
-    p = launch(world["common"] + ["--out", str(world["dir"] / "nofit"), "--gpu_memory_gib", "0.0001"], nproc=0)
+    p = launch(world["common"] + ["--out", str(world["dir"] / "nofit"), "--gpu_memory_gib", "0.0001"],
+               nproc=0)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert "no sampler fits the memory plan at 1 rank(s)" in p.stderr and "| **peak: gathered decode** |" in p.stderr
+    assert ("no sampler fits the memory plan at 1 rank(s)" in p.stderr
+            and "| **peak: gathered decode** |" in p.stderr)

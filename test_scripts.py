@@ -14,14 +14,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     p = run_in_session([sys.executable, *args], {**os.environ, "PYTHONUNBUFFERED": "1"}, timeout)
-    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    assert p.returncode == 0, (f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n"
+                               f"--- stderr\n{p.stderr[-6000:]}")
     return p
 
 
 def test_demo_end_to_end_and_rerun_skips_finished_work(tmp_path):
     out = str(tmp_path / "demo")
-    small = ["--out", out, "--n_teacher", "240", "--n_eval", "24", "--n_pretrain", "400", "--pretrain_steps", "5",
-             "--rounds", "2", "--seeds", "2", "--batch_size", "8", "--max_new_tokens", "48"]
+    small = ["--out", out, "--n_teacher", "240", "--n_eval", "24", "--n_pretrain", "400",
+             "--pretrain_steps", "5", "--rounds", "2", "--seeds", "2", "--batch_size", "8",
+             "--max_new_tokens", "48"]
     p = run(["scripts/demo.py", *small])
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
@@ -34,8 +36,10 @@ def test_demo_end_to_end_and_rerun_skips_finished_work(tmp_path):
         for run_ in r["runs"]:
             assert 0 <= run_["exact_match"] <= run_["any_form"] <= 1
     # different seeds are different runs: their adapters differ
-    a0 = open(os.path.join(out, "students", "proxykd_seed0", "adapter", "adapter_model.safetensors"), "rb").read()
-    a1 = open(os.path.join(out, "students", "proxykd_seed1", "adapter", "adapter_model.safetensors"), "rb").read()
+    a0 = open(os.path.join(out, "students", "proxykd_seed0", "adapter", "adapter_model.safetensors"),
+              "rb").read()
+    a1 = open(os.path.join(out, "students", "proxykd_seed1", "adapter", "adapter_model.safetensors"),
+              "rb").read()
     assert a0 != a1
     assert "| student, Proxy-KD |" in p.stdout and os.path.exists(os.path.join(out, "results.md"))
     # a rerun finds every step done: no training run starts again, the table is rebuilt from evals.json
@@ -102,5 +106,6 @@ def test_gpu_check_says_so_without_a_gpu(tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), out], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().splitlines() == ["gpu_check.sh: no CUDA GPU visible to torch here; nothing to check"]
+    assert p.stdout.strip().splitlines() == [
+        "gpu_check.sh: no CUDA GPU visible to torch here; nothing to check"]
     assert not os.path.exists(out)

@@ -5,8 +5,8 @@ per-rank loading from safetensors gives the checkpoint's values; the memory plan
 parameter bytes are the bytes FSDP2 allocates; the proxy is freed; the streaming merged export equals
 the in-memory one; train_proxy.py's two samplers give the same run.
 
-The distributed checks run in this file's own worker (`python -m torch.distributed.run ... test_tensor_parallel.py
-<checkpoint dir>`), launched by test_train_proxy.launch with a timeout.
+The distributed checks run in this file's own worker (`python -m torch.distributed.run ...
+test_tensor_parallel.py <checkpoint dir>`), launched by test_train_proxy.launch with a timeout.
 """
 import dataclasses
 import gc
@@ -25,7 +25,8 @@ import ranks
 import sharding
 import tensor_parallel
 from model import KVCache, Llama, ModelArgs, gathered, generate
-from test_train_proxy import EXACT, adapter, launch, metrics, ok, steps_of, world  # noqa: F401 (world: the fixture)
+# world: the fixture
+from test_train_proxy import EXACT, adapter, launch, metrics, ok, steps_of, world  # noqa: F401
 
 # tiny with an odd vocabulary: FSDP2 pads embed_tokens / lm_head rows, so the plan must count the padding
 ARGS = dataclasses.replace(ModelArgs.from_name("tiny"), vocab_size=65)
@@ -37,7 +38,8 @@ def unit_scale(model: Llama) -> Llama:
     decoding is all ties)."""
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in n else p.normal_(0.0, 1.0 if "embed" in n else p.shape[1] ** -0.5)
+            (p.uniform_(0.5, 1.5) if "norm" in n
+             else p.normal_(0.0, 1.0 if "embed" in n else p.shape[1] ** -0.5))
     return model
 
 
@@ -52,7 +54,8 @@ def worker(ckpt: str) -> None:
     sharding.fully_shard = lambda module, **kw: meshes.append(kw.get("mesh")) or fully_shard(module, **kw)
     model = sharding.shard_model(sharding.load_lora_model(ckpt, 4, 8.0, 0.0, dtype=torch.float32))
     sharding.fully_shard = fully_shard
-    assert len(meshes) == ARGS.n_layers + 1 and all(m is not None and m.device_type == device.type for m in meshes)
+    assert len(meshes) == ARGS.n_layers + 1 and all(m is not None and m.device_type == device.type
+                                                    for m in meshes)
     # a trained-looking adapter: B != 0 (the same values on every rank, each keeps its rows)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -83,8 +86,8 @@ def worker(ckpt: str) -> None:
     # one generate call each (3 calls) while rank 1 decodes its two rows in one call
     model.eval()
     with gathered(model):
-        got = [y for p in PROMPTS[0] for y in generate(model, [p], 8, eos_id=-1, pad_id=0, greedy=True)] if rank == 0 \
-            else generate(model, PROMPTS[1], 8, eos_id=-1, pad_id=0, greedy=True)
+        got = ([y for p in PROMPTS[0] for y in generate(model, [p], 8, eos_id=-1, pad_id=0, greedy=True)]
+               if rank == 0 else generate(model, PROMPTS[1], 8, eos_id=-1, pad_id=0, greedy=True))
     assert got == want, (rank, got, want)
 
     tpm = tensor_parallel.tensor_parallel_copy(model)
@@ -96,7 +99,8 @@ def worker(ckpt: str) -> None:
     assert got == [w[: w.index(eos)] if eos in w else w for w in want], rank
     # sampling: ranks with the same generator state draw the same tokens from their (all_reduced) logits
     flat = [p for ps in PROMPTS for p in ps]
-    mine = generate(tpm, flat, 8, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(5), all_ranks_done=True)
+    mine = generate(tpm, flat, 8, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(5),
+                    all_ranks_done=True)
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     assert all(e == everyone[0] for e in everyone)
@@ -153,7 +157,8 @@ def test_streaming_merged_export_equals_in_memory_merge(tmp_path):
             m.lora_B.normal_()
     lora_sd = lora.lora_state_dict(model)
     lora.merge_lora(model).save_pretrained(str(tmp_path / "ref"))
-    sharding.save_merged(base, lora_sd, 2.0, str(tmp_path / "streamed"), torch.bfloat16, max_shard_size=30_000)
+    sharding.save_merged(base, lora_sd, 2.0, str(tmp_path / "streamed"), torch.bfloat16,
+                         max_shard_size=30_000)
     ref = load_file(str(tmp_path / "ref" / "model.safetensors"))
     with open(tmp_path / "streamed" / "model.safetensors.index.json") as f:
         files = set(json.load(f)["weight_map"].values())
@@ -171,7 +176,8 @@ def run_samplers(world):  # noqa: F811
     """train_proxy.py at world size 2, fp32 base and greedy y_hat, 2 rounds, once per sampler. Adam, not
     EXACT's SGD: resuming an SGD run fails in torch's set_optimizer_state_dict (an optimizer without
     state tensors), which the resume test below needs."""
-    common = world["common"] + EXACT + ["--optimizer", "adam", "--rounds", "2", "--batch_size", "2", "--gen_batch_size", "3"]
+    common = world["common"] + EXACT + ["--optimizer", "adam", "--rounds", "2", "--batch_size", "2",
+                                        "--gen_batch_size", "3"]
     outs = {}
     for sampler in ("gathered", "tensor_parallel"):
         outs[sampler] = str(world["dir"] / f"sampler_{sampler}")
@@ -188,8 +194,10 @@ def test_tensor_parallel_run_matches_gathered(run_samplers):
     assert [r["step"] for r in s_g] == [r["step"] for r in s_t] and any(r["stage"] == "align" for r in s_g)
     for a, b in zip(s_g, s_t):
         for key in ("loss", "nll", "dpo", "reward_margin"):
-            assert (key in a) == (key in b) and a.get(key, 0) == pytest.approx(b.get(key, 0), rel=1e-5, abs=1e-5), (a["step"], key)
-    a_g, a_t = adapter(os.path.join(outs["gathered"], "adapter")), adapter(os.path.join(outs["tensor_parallel"], "adapter"))
+            assert ((key in a) == (key in b)
+                    and a.get(key, 0) == pytest.approx(b.get(key, 0), rel=1e-5, abs=1e-5)), (a["step"], key)
+    a_g, a_t = (adapter(os.path.join(outs["gathered"], "adapter")),
+                adapter(os.path.join(outs["tensor_parallel"], "adapter")))
     assert a_g.keys() == a_t.keys()
     for k in a_g:
         torch.testing.assert_close(a_g[k], a_t[k], rtol=1e-4, atol=1e-6)
@@ -204,7 +212,8 @@ def test_tensor_parallel_resume_inside_a_round(world, run_samplers):  # noqa: F8
     ok(launch(common + ["--sampler", "tensor_parallel", "--out", out, "--stop_after_steps", str(stop)]))
     assert os.listdir(os.path.join(out, "rounds"))
     ok(launch(common + ["--sampler", "tensor_parallel", "--out", out, "--resume"]))
-    assert [(r["step"], r.get("loss")) for r in steps_of(out)] == [(r["step"], r.get("loss")) for r in steps_of(ref)]
+    assert ([(r["step"], r.get("loss")) for r in steps_of(out)]
+            == [(r["step"], r.get("loss")) for r in steps_of(ref)])
     a, b = adapter(os.path.join(ref, "adapter")), adapter(os.path.join(out, "adapter"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

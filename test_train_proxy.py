@@ -27,18 +27,20 @@ MAX_LEN = 128
 
 def launch(args: list[str], nproc: int = 2, script: str = "train_proxy.py", env: dict | None = None,
            device: str = "cpu") -> subprocess.CompletedProcess:
-    """`script` under torchrun with `nproc` ranks, or as a plain process when nproc == 0 (test_train_student.py
-    uses it too); `env` adds environment variables."""
+    """`script` under torchrun with `nproc` ranks, or as a plain process when nproc == 0
+    (test_train_student.py uses it too); `env` adds environment variables."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = (torchrun if nproc else [sys.executable]) + [os.path.join(ROOT, script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return run_in_session(cmd, env, TIMEOUT, device)
 
 
-def run_in_session(cmd: list[str], env: dict, timeout: float, device: str = "cpu") -> subprocess.CompletedProcess:
+def run_in_session(cmd: list[str], env: dict, timeout: float,
+                   device: str = "cpu") -> subprocess.CompletedProcess:
     """subprocess.run in a session of its own, so a timeout kills every process the command started
     (torchrun's ranks, the demo's training runs), not the command alone, leaving the rest spinning. The
-    runs are on the CPU (gloo) whatever GPUs the machine has, unless `device` says otherwise (test_cuda.py)."""
+    runs are on the CPU (gloo) whatever GPUs the machine has, unless `device` says otherwise
+    (test_cuda.py)."""
     env = {**env, "PROXYKD_DEVICE": device}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -52,7 +54,8 @@ def run_in_session(cmd: list[str], env: dict, timeout: float, device: str = "cpu
 
 
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    assert p.returncode == 0, (f"exit {p.returncode}\n--- stdout\n{p.stdout[-3000:]}\n"
+                               f"--- stderr\n{p.stderr[-6000:]}")
     return p
 
 
@@ -87,8 +90,9 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     base = str(d / "base")
     Llama(dataclasses.replace(ModelArgs.from_name("tiny"), vocab_size=tok.vocab_size)).save_pretrained(base)
-    common = ["--base", base, "--tokenizer", tok_path, "--data", train, "--eval_data", held_out, "--rounds", "3",
-              "--max_len", str(MAX_LEN), "--max_new_tokens", "16", "--lr", "1e-3", "--eval_batch_size", "4", "--seed", "0"]
+    common = ["--base", base, "--tokenizer", tok_path, "--data", train, "--eval_data", held_out,
+              "--rounds", "3", "--max_len", str(MAX_LEN), "--max_new_tokens", "16", "--lr", "1e-3",
+              "--eval_batch_size", "4", "--seed", "0"]
     return dict(dir=d, base=base, tok=tok_path, data=train, held_out=held_out, common=common)
 
 
@@ -103,8 +107,8 @@ def run_ws2(world):
     # 2 ranks x 1 example x 2 accumulated micro-batches: global batch 4; the paper's losses as written
     # (--loss reference: full logits, proxykd.py), where run_ws1 runs the fused heads; --keep_best
     out = str(world["dir"] / "ws2")
-    ok(launch(world["common"] + EXACT + ["--batch_size", "1", "--grad_accum", "2", "--loss", "reference", "--keep_best",
-                                         "--out", out]))
+    ok(launch(world["common"] + EXACT + ["--batch_size", "1", "--grad_accum", "2", "--loss", "reference",
+                                         "--keep_best", "--out", out]))
     return out
 
 
@@ -113,8 +117,8 @@ def run_ws1(world):
     # plain `python train_proxy.py` (no torchrun): one rank, one micro-batch of 4, activation checkpointing
     # (recomputing a block must not change the result) and --deterministic (its kernels run on the CPU too)
     out = str(world["dir"] / "ws1")
-    ok(launch(world["common"] + EXACT + ["--batch_size", "4", "--activation_checkpointing", "--deterministic", "--out", out],
-              nproc=0))
+    ok(launch(world["common"] + EXACT + ["--batch_size", "4", "--activation_checkpointing", "--deterministic",
+                                         "--out", out], nproc=0))
     return out
 
 
@@ -157,7 +161,8 @@ def test_run_writes_merged_proxy_and_logs(world, run_ws2):
     with open(os.path.join(final, "provenance.json")) as f:  # what train_student.py checks D_s against
         prov = json.load(f)
     assert prov["split_seed"] == 0 and prov["data_sha256"] == data.sha256_file(world["data"])
-    assert sum(prov["split_sizes"].values()) == 80 and prov["tokenizer_sha256"] == data.Tokenizer(world["tok"]).fingerprint
+    assert (sum(prov["split_sizes"].values()) == 80
+            and prov["tokenizer_sha256"] == data.Tokenizer(world["tok"]).fingerprint)
     assert os.path.exists(os.path.join(run_ws2, "adapter", "adapter_config.json"))
     assert os.path.exists(os.path.join(run_ws2, "warmup", "final", "config.json"))
     assert not os.listdir(os.path.join(run_ws2, "rounds"))
@@ -171,7 +176,8 @@ def test_run_writes_merged_proxy_and_logs(world, run_ws2):
 def test_lora_trained_and_merged(world, run_ws2):
     """The adapter moved (B starts at zero; A moved during alignment) and its merged output is exactly
     base + (alpha / r) B A on the adapted linears, the base checkpoint elsewhere."""
-    final, warm = adapter(os.path.join(run_ws2, "adapter")), adapter(os.path.join(run_ws2, "warmup", "adapter"))
+    final, warm = (adapter(os.path.join(run_ws2, "adapter")),
+                   adapter(os.path.join(run_ws2, "warmup", "adapter")))
     a_keys = sorted(k for k in final if "lora_A" in k)
     assert a_keys and len(final) == 2 * len(a_keys)
     assert all(final[k.replace("lora_A", "lora_B")].abs().max() > 0 for k in a_keys)
@@ -258,7 +264,8 @@ def test_checkpoint_layout_is_the_same_at_one_and_two_ranks(run_ws1, run_ws2):
     assert {k: v.shape for k, v in a1.items()} == {k: v.shape for k, v in a2.items()} and a1
     o1, o2 = (torch.load(os.path.join(c, "optimizer.pt"), weights_only=False) for c in (c1, c2))
     assert [g["params"] for g in o1["param_groups"]] == [g["params"] for g in o2["param_groups"]]
-    assert all(isinstance(p, str) and p.endswith((".lora_A", ".lora_B")) for g in o1["param_groups"] for p in g["params"])
+    assert all(isinstance(p, str) and p.endswith((".lora_A", ".lora_B"))
+               for g in o1["param_groups"] for p in g["params"])
 
 
 def test_resume_matches_uninterrupted(world, run_sampled):
@@ -294,14 +301,15 @@ def crash_and_resume(args: list[str], crash_at: str, script: str = "train_proxy.
     """Run `args` with one rank SIGKILLed at a fault-injection point (train_proxy.crash_point, spec
     "point:n:rank"), check that it died there, then rerun the same command with --resume to the end."""
     p = launch(args, script=script, env={"PROXYKD_CRASH_AT": crash_at})
-    assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, f"{crash_at}: no SIGKILL\n{p.stderr[-3000:]}"
+    assert p.returncode != 0 and "SIGKILL" in p.stdout + p.stderr, (
+        f"{crash_at}: no SIGKILL\n{p.stderr[-3000:]}")
     ok(launch(args + ["--resume"], script=script))
 
 
 def test_resume_when_only_some_ranks_have_their_round_file(world, run_sampled):
-    """A crash inside the round's reference pass can leave rank 0's round file written and rank 1's not. Resuming
-    from the checkpoint at the round start must agree across ranks to sample again (not hang with one
-    rank sampling and the other training) and end bitwise equal to the uninterrupted run."""
+    """A crash inside the round's reference pass can leave rank 0's round file written and rank 1's not.
+    Resuming from the checkpoint at the round start must agree across ranks to sample again (not hang with
+    one rank sampling and the other training) and end bitwise equal to the uninterrupted run."""
     out = str(world["dir"] / "half_round")
     first = max(r["step"] for r in steps_of(run_sampled) if r["stage"] == "warmup")
     ok(launch(world["common"] + SAMPLED + ["--out", out, "--stop_after_steps", str(first + 1)]))
@@ -336,7 +344,8 @@ def test_sigkill_then_resume_matches_uninterrupted(world, run_sampled, crash_at)
 
 
 def test_fresh_run_refuses_existing_checkpoints(world, run_sampled):
-    p = launch(world["common"] + SAMPLED + ["--out", run_sampled], nproc=0)  # exits before any work: 1 rank will do
+    # exits before any work: 1 rank will do
+    p = launch(world["common"] + SAMPLED + ["--out", run_sampled], nproc=0)
     assert p.returncode != 0 and "--resume" in p.stderr
 
 
@@ -396,6 +405,7 @@ def test_nll_reduction_token_is_per_token_mean(world, run_ws1):
     first = data.plan_steps(data.split_indices(80, 0)["warmup"], cfg, 0, 1, range(1))[0][0]
     tok = data.Tokenizer(world["tok"])
     examples = data.read_jsonl(world["data"])
-    n_resp = sum(sum(y != -100 for y in data.encode_example(tok, examples[i], MAX_LEN)["labels"]) for i in first)
+    n_resp = sum(sum(y != -100 for y in data.encode_example(tok, examples[i], MAX_LEN)["labels"])
+                 for i in first)
     per_token = steps_of(out)[0]["nll"]
     assert steps_of(run_ws1)[0]["nll"] == pytest.approx(per_token * n_resp / len(first), rel=1e-5)

@@ -70,13 +70,15 @@ def world(tmp_path_factory):
     # 2 ranks x 2 examples -> 7 steps; caching: 14 + 13 examples per rank in batches of 3, a part every 2
     # batches -> 3 parts per rank; the proxy runs in fp32 so the cache can be checked tightly
     common = ["--base", student, "--tokenizer", tok_path, "--data", train, "--max_len", str(MAX_LEN),
-              "--lr", "1e-3", "--batch_size", "2", "--split_seed", str(SEED), "--seed", str(SEED), "--topk", str(K),
-              "--proxy_dtype", "float32", "--cache_batch_size", "3", "--cache_flush_every", "2"]
+              "--lr", "1e-3", "--batch_size", "2", "--split_seed", str(SEED), "--seed", str(SEED),
+              "--topk", str(K), "--proxy_dtype", "float32", "--cache_batch_size", "3",
+              "--cache_flush_every", "2"]
     # held-out evaluations after every step, keeping the best
     keep_best = ["--keep_best", "--eval_every", "1", "--eval_data", held_out, "--eval_batch_size", "4"]
     d_s = data.split_indices(N_EXAMPLES, SEED)["student"]
-    return dict(dir=d, keep_best=keep_best, student=student, proxy_a=proxy_a, proxy_b=proxy_b, tok=tok, tok_path=tok_path, data=train,
-                held_out=held_out, common=common, d_s=d_s, steps=math.ceil(len(d_s) / 4))
+    return dict(dir=d, keep_best=keep_best, student=student, proxy_a=proxy_a, proxy_b=proxy_b, tok=tok,
+                tok_path=tok_path, data=train, held_out=held_out, common=common, d_s=d_s,
+                steps=math.ceil(len(d_s) / 4))
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,8 @@ def run_kd(world):
     """Full Proxy-KD: cache with proxy A, then the weighted-KL student (alpha 100, bf16 base); held-out
     evaluations after every step with --keep_best, and every step's checkpoint kept."""
     out = str(world["dir"] / "kd")
-    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, *world["keep_best"], "--save_every", "1",
-                                 "--keep_checkpoints", "0"]))
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--out", out, *world["keep_best"],
+                                 "--save_every", "1", "--keep_checkpoints", "0"]))
     return out
 
 
@@ -185,7 +187,8 @@ def test_partial_cache_is_never_read_and_caching_resumes(world, run_kd):
     kept = {p: os.stat(p).st_mtime_ns for p in parts if p != lost}
 
     out = str(world["dir"] / "cache_only")
-    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", partial, "--out", out, "--cache_only"], nproc=0))
+    ok(launch(world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", partial, "--out", out,
+                                 "--cache_only"], nproc=0))
     assert {p: os.stat(p).st_mtime_ns for p in kept} == kept
     assert not os.path.exists(crashed)
     cache = open_cache(partial)
@@ -225,7 +228,8 @@ def test_reduce_mean_std_across_ranks(tmp_path):
     shards = [full[:3], full[3:]]
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_moments_worker, args=(r, 2, str(tmp_path / "store"), shards, q)) for r in range(2)]
+    procs = [ctx.Process(target=_moments_worker, args=(r, 2, str(tmp_path / "store"), shards, q))
+             for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(q.get(timeout=60) for _ in procs)
@@ -235,15 +239,16 @@ def test_reduce_mean_std_across_ranks(tmp_path):
     mu, gamma = full.mean(), full.std(unbiased=False)
     for rank, m, s, w in results:
         assert abs(m - mu.item()) < 1e-9 and abs(s - gamma.item()) < 1e-9
-    torch.testing.assert_close(torch.tensor(results[0][3] + results[1][3]), pk.sample_weights(full, mu, gamma))
+    torch.testing.assert_close(torch.tensor(results[0][3] + results[1][3]),
+                               pk.sample_weights(full, mu, gamma))
 
 
 # --------------------------------------------------------------------------- phase 2: the student
 
 
 def test_student_trains_only_lora(world, run_kd):
-    """The run logs every step with a positive KL term and held-out evals before, during and after; the adapter
-    moved, and its merged student is exactly base + (alpha / r) B A: base weights never changed."""
+    """The run logs every step with a positive KL term and held-out evals before, during and after; the
+    adapter moved, and its merged student is exactly base + (alpha / r) B A: base weights never changed."""
     recs, steps = metrics(run_kd), steps_of(run_kd)
     assert [r["step"] for r in steps] == list(range(1, world["steps"] + 1))
     assert all(math.isfinite(r["loss"]) and r["wkl"] > 0 for r in steps)
@@ -271,7 +276,8 @@ def test_student_trains_only_lora(world, run_kd):
             assert torch.equal(merged[name], w), name
 
 
-def eq11_of_first_step(world: dict, cache: topk_cache.ProxyCache, train_ids: list[int]) -> tuple[float, float, float]:
+def eq11_of_first_step(world: dict, cache: topk_cache.ProxyCache,
+                       train_ids: list[int]) -> tuple[float, float, float]:
     """Brute force: (loss, nll, wkl) of a 2-rank run's first step over train_ids at the initial student
     (LoRA B = 0: the bf16 base), from full fp32 logits over BOTH ranks' micro-batches divided by their
     total token count, with the cache's rows, and Eq. 9 weights standardised over ALL of D_s."""
@@ -281,7 +287,8 @@ def eq11_of_first_step(world: dict, cache: topk_cache.ProxyCache, train_ids: lis
     micro = [m for r in range(2) for m in data.plan_steps(train_ids, cfg, r, 2, range(1))[0]]
     examples = data.read_jsonl(world["data"])
     tok = world["tok"]
-    batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id) for m in micro]
+    batches = [data.collate([data.encode_example(tok, examples[i], MAX_LEN) for i in m], tok.pad_id)
+               for m in micro]
     n_total = sum(pk.num_response_tokens(b["labels"]) for b in batches)
     model = Llama.from_pretrained(world["student"], dtype=torch.bfloat16)
     loss = nll = wkl = 0.0
@@ -290,7 +297,8 @@ def eq11_of_first_step(world: dict, cache: topk_cache.ProxyCache, train_ids: lis
             h, w = model(b["input_ids"], head_fn=lambda h, w: (h, w))
             logits = (h @ w.T).float()  # (B, T, V): bf16 matmul, fp32 loss, as the fused head computes it
             top_ids, top_lps = topk_cache.pad_topk(cache.rows(m), b["labels"])
-            out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]), 100.0, n_total)
+            out = pk.student_loss(logits, b["labels"], top_ids, top_lps, torch.tensor([w_of[i] for i in m]),
+                                  100.0, n_total)
             loss, nll, wkl = loss + out.loss.item(), nll + out.nll.item(), wkl + out.wkl.item()
     return loss, nll, wkl
 
@@ -324,7 +332,8 @@ def test_max_examples_trains_on_the_first_n_with_the_full_cache_and_weights(worl
     steps = steps_of(out)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     loss, nll, wkl = eq11_of_first_step(world, small, world["d_s"][:5])
-    assert steps[0]["loss"] == pytest.approx(loss, rel=1e-5) and steps[0]["wkl"] == pytest.approx(wkl, rel=1e-4)
+    assert (steps[0]["loss"] == pytest.approx(loss, rel=1e-5)
+            and steps[0]["wkl"] == pytest.approx(wkl, rel=1e-4))
 
 
 def test_resume_matches_uninterrupted(world, run_kd):
@@ -333,13 +342,14 @@ def test_resume_matches_uninterrupted(world, run_kd):
     evaluation so far, the resumed run keeps run_kd's best adapter. Reuses run_kd's complete cache (no
     proxy forward in either launch)."""
     out = str(world["dir"] / "resumed")
-    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"), "--out", out,
-                              *world["keep_best"]]
+    args = world["common"] + ["--proxy", world["proxy_a"], "--cache_dir", os.path.join(run_kd, "cache"),
+                              "--out", out, *world["keep_best"]]
     ok(launch(args + ["--stop_after_steps", "4"]))
     assert max(r["step"] for r in steps_of(out)) == 4
     with open(os.path.join(out, "checkpoints", "latest")) as f:
         state = torch.load(os.path.join(out, "checkpoints", f.read().strip(), "state.pt"), weights_only=True)
-    so_far = min((r for r in metrics(run_kd) if "eval_nll" in r and r["step"] <= 4), key=lambda r: r["eval_nll"])
+    so_far = min((r for r in metrics(run_kd) if "eval_nll" in r and r["step"] <= 4),
+                 key=lambda r: r["eval_nll"])
     assert state["best"] == {"step": so_far["step"], "eval_nll": so_far["eval_nll"]}
     ok(launch(args + ["--resume"]))
     evals = [[(r["step"], r["eval_nll"]) for r in metrics(o) if "eval_nll" in r] for o in (run_kd, out)]
@@ -369,12 +379,14 @@ def test_keep_best_keeps_the_lowest_held_out_nll(world, run_kd):
     if lowest["step"] == 0:  # the untrained student: a fresh adapter, B = 0
         assert all(not v.any() for k, v in kept.items() if "lora_B" in k)
     else:
-        ckpt = load_file(os.path.join(run_kd, "checkpoints", f"step-{lowest['step']:08d}", "adapter_model.safetensors"))
+        ckpt = load_file(os.path.join(run_kd, "checkpoints", f"step-{lowest['step']:08d}",
+                                      "adapter_model.safetensors"))
         assert kept.keys() == ckpt.keys() and all(torch.equal(kept[k], ckpt[k]) for k in kept)
     merged = Llama.from_pretrained(os.path.join(run_kd, "best", "final"), dtype=torch.float32).state_dict()
     base = Llama.from_pretrained(world["student"], dtype=torch.float32).state_dict()
     name = "model.layers.0.self_attn.q_proj"
-    delta = (16.0 / 8) * (kept[f"base_model.model.{name}.lora_B.weight"] @ kept[f"base_model.model.{name}.lora_A.weight"])
+    delta = (16.0 / 8) * (kept[f"base_model.model.{name}.lora_B.weight"]
+                          @ kept[f"base_model.model.{name}.lora_A.weight"])
     torch.testing.assert_close(merged[name + ".weight"], base[name + ".weight"] + delta)  # fp32, as stored
 
 
@@ -383,7 +395,8 @@ def test_alpha0_is_plain_sft_whatever_the_proxy(world, run_kd, run_sft):
     at all, builds no cache, and logs loss == nll; with alpha 100 (run_kd) the student differs."""
     out = str(world["dir"] / "sft_b")
     cache_dir = str(world["dir"] / "never")
-    ok(launch(world["common"] + ["--alpha", "0", "--proxy", world["proxy_b"], "--cache_dir", cache_dir, "--out", out]))
+    ok(launch(world["common"] + ["--alpha", "0", "--proxy", world["proxy_b"], "--cache_dir", cache_dir,
+                                 "--out", out]))
     assert not os.path.exists(cache_dir)
     a, b = adapter(run_sft), adapter(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -486,8 +499,8 @@ def test_provenance_guards_d_s(world, tmp_path):
 
     def write(**kw):
         with open(os.path.join(proxy, provenance.PROVENANCE), "w") as f:
-            json.dump(provenance.data_provenance(**{"data_path": world["data"], "split_seed": SEED, "n_examples": n,
-                                            "tok": world["tok"], **kw}), f)
+            json.dump(provenance.data_provenance(**{"data_path": world["data"], "split_seed": SEED,
+                                                    "n_examples": n, "tok": world["tok"], **kw}), f)
 
     write()
     assert provenance.check_provenance(cfg, n, world["tok"]) == (None, None)
@@ -523,7 +536,8 @@ def test_bad_paths_give_one_line_errors(world, tmp_path, flag, value, what, npro
         assert p.returncode != 0, p.stderr[-3000:]
         lines = [line for line in p.stderr.splitlines() if what in line]
         assert len(lines) == 1 and value in lines[0], p.stderr[-3000:]
-        assert not test_train_proxy.own_frames(p.stderr), p.stderr[-3000:]  # no traceback through our code (torchrun prints its own)
+        # no traceback through our code (torchrun prints its own)
+        assert not test_train_proxy.own_frames(p.stderr), p.stderr[-3000:]
 
 
 def test_plan_with_a_bad_base_is_one_line():
@@ -532,8 +546,9 @@ def test_plan_with_a_bad_base_is_one_line():
         p = subprocess.run([sys.executable, script, "--plan", "--base", "no/such/dir", *extra],
                            cwd=test_train_proxy.ROOT, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
-        assert p.stderr.strip().splitlines() == [f"{script}: bad input: no/such/dir: no such directory; expected an "
-                                                  "HF-format checkpoint dir (config.json + *.safetensors)"]
+        assert p.stderr.strip().splitlines() == [
+            f"{script}: bad input: no/such/dir: no such directory; expected an "
+            "HF-format checkpoint dir (config.json + *.safetensors)"]
 
 
 @pytest.mark.parametrize("nproc", [0, 2])
@@ -548,8 +563,10 @@ def test_bad_inputs_stop_in_one_line(world, tmp_path, case, nproc):
             weights = str(tmp_path / flag[2:] / "model.safetensors")
             with open(weights, "r+b") as f:
                 f.truncate(os.path.getsize(weights) // 2)  # a copy that stopped half-way
-        runs = [("train_proxy.py", ["--base", str(tmp_path / "base")], "model.safetensors: not a whole safetensors file"),
-                ("train_student.py", ["--proxy", str(tmp_path / "proxy")], "model.safetensors: not a whole safetensors file")]
+        runs = [("train_proxy.py", ["--base", str(tmp_path / "base")],
+                 "model.safetensors: not a whole safetensors file"),
+                ("train_student.py", ["--proxy", str(tmp_path / "proxy")],
+                 "model.safetensors: not a whole safetensors file")]
     elif case == "missing proxy":
         runs = [("train_student.py", ["--proxy", "no/such/dir"],
                  "bad input: --proxy no/such/dir: no such directory; expected an HF-format checkpoint dir")]
@@ -557,8 +574,8 @@ def test_bad_inputs_stop_in_one_line(world, tmp_path, case, nproc):
         tiny = str(tmp_path / "tiny.jsonl")
         demo_world.write_demo_jsonl(tiny, 3, seed=0)
         runs = [("train_proxy.py", ["--data", tiny], "3 examples leave the warm-up (D_w, 10%)")]
-    base = ["--base", world["student"], "--tokenizer", world["tok_path"], "--data", world["data"], "--rounds", "2",
-            "--proxy", world["proxy_a"], "--out", str(tmp_path / "out")]
+    base = ["--base", world["student"], "--tokenizer", world["tok_path"], "--data", world["data"],
+            "--rounds", "2", "--proxy", world["proxy_a"], "--out", str(tmp_path / "out")]
     for script, args, what in runs:
         if script == "train_proxy.py":
             base = [a for a in base if a not in ("--proxy", world["proxy_a"])]

@@ -42,7 +42,8 @@ def proxy_fingerprint(proxy_dir: str) -> str:
     """sha256 over the proxy's config and weight files (names and contents): the checkpoint identity.
     Reads every weight byte (minutes for 70B, once per run, on rank 0): cheaper stand-ins such as
     mtimes or safetensors headers do not change when only the weights do."""
-    names = sorted(n for n in os.listdir(proxy_dir) if n == "config.json" or n.endswith((".safetensors", ".index.json")))
+    names = sorted(n for n in os.listdir(proxy_dir)
+                   if n == "config.json" or n.endswith((".safetensors", ".index.json")))
     if not any(n.endswith(".safetensors") for n in names):
         raise FileNotFoundError(f"{proxy_dir}: no *.safetensors weights (expected an HF-format proxy dir)")
     h = hashlib.sha256()
@@ -54,7 +55,8 @@ def proxy_fingerprint(proxy_dir: str) -> str:
 def template_fingerprint(tok: data.Tokenizer, max_len: int) -> str:
     """sha256 of how probe examples are tokenised (prompt template, system line, bos/eos, label mask):
     a cache is only valid for the token sequences it was computed on."""
-    probes = [data.Example("probe prompt", "probe reply", "probe", system) for system in (None, "probe system")]
+    probes = [data.Example("probe prompt", "probe reply", "probe", system)
+              for system in (None, "probe system")]
     blob = json.dumps([data.encode_example(tok, p, max_len) for p in probes], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -81,7 +83,8 @@ def meta_digest(meta: dict) -> str:
 
 
 def part_files(cache_dir: str) -> list[str]:
-    return sorted(os.path.join(cache_dir, n) for n in os.listdir(cache_dir) if n.startswith("part-") and n.endswith(".safetensors"))
+    return sorted(os.path.join(cache_dir, n) for n in os.listdir(cache_dir)
+                  if n.startswith("part-") and n.endswith(".safetensors"))
 
 
 def prepare_cache_dir(cache_dir: str, meta: dict, rebuild: bool) -> None:
@@ -96,7 +99,8 @@ def prepare_cache_dir(cache_dir: str, meta: dict, rebuild: bool) -> None:
     path = os.path.join(cache_dir, "meta.json")
     if not os.path.exists(path):
         if part_files(cache_dir) or os.path.exists(os.path.join(cache_dir, "COMPLETE")):
-            raise CacheError(f"{cache_dir} holds cache files but no meta.json; delete it or pass --rebuild_cache")
+            raise CacheError(f"{cache_dir} holds cache files but no meta.json; "
+                             f"delete it or pass --rebuild_cache")
         data.atomic_write(path, json.dumps(meta, indent=1, sort_keys=True))
         return
     check_meta(cache_dir, meta)
@@ -124,7 +128,8 @@ def cached_example_ids(cache_dir: str) -> set[int]:
     return done
 
 
-def write_part(cache_dir: str, digest: str, records: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
+def write_part(cache_dir: str, digest: str,
+               records: list[tuple[int, torch.Tensor, torch.Tensor, float]]) -> None:
     """records: (example id, topk_ids (n, k) int32, topk_logps (n, k), seq_logp) -> one part file."""
     if not records:
         return
@@ -150,7 +155,8 @@ def finalise_cache(cache_dir: str, digest: str, student_ids: list[int]) -> dict:
     for path in part_files(cache_dir):
         with safe_open(path, framework="pt") as f:
             if f.metadata().get("meta_sha256") != digest:
-                raise CacheError(f"{path} belongs to another cache; delete {cache_dir} or pass --rebuild_cache")
+                raise CacheError(f"{path} belongs to another cache; "
+                                 f"delete {cache_dir} or pass --rebuild_cache")
             for i in f.get_tensor("example_ids").tolist():
                 if i in seen:
                     raise CacheError(f"example {i} is in both {seen[i]} and {path}; delete {cache_dir}")
@@ -159,7 +165,8 @@ def finalise_cache(cache_dir: str, digest: str, student_ids: list[int]) -> dict:
         n_bytes += os.path.getsize(path)
     missing = set(student_ids) - set(seen)
     if missing or len(seen) != len(student_ids):
-        raise CacheError(f"{cache_dir}: {len(missing)} examples of D_s missing, {len(set(seen) - set(student_ids))} foreign")
+        raise CacheError(f"{cache_dir}: {len(missing)} examples of D_s missing, "
+                         f"{len(set(seen) - set(student_ids))} foreign")
     stats = {"meta_sha256": digest, "examples": len(seen), "tokens": n_tokens, "bytes": n_bytes,
              "bytes_per_token": n_bytes / max(n_tokens, 1), "parts": len(part_files(cache_dir))}
     data.atomic_write(os.path.join(cache_dir, "COMPLETE"), json.dumps(stats, indent=1))
@@ -173,8 +180,8 @@ class ProxyCache:
     def __init__(self, cache_dir: str, meta: dict):
         complete = os.path.join(cache_dir, "COMPLETE")
         if not os.path.exists(complete):
-            raise CacheError(f"{cache_dir} is incomplete (no COMPLETE marker): rerun train_student.py with the same "
-                             f"arguments to finish it, or --rebuild_cache to start over")
+            raise CacheError(f"{cache_dir} is incomplete (no COMPLETE marker): rerun train_student.py "
+                             f"with the same arguments to finish it, or --rebuild_cache to start over")
         check_meta(cache_dir, meta)
         with open(complete) as f:
             self.stats = json.load(f)
@@ -185,10 +192,12 @@ class ProxyCache:
         for fi, path in enumerate(part_files(cache_dir)):
             f = safe_open(path, framework="pt")
             if f.metadata().get("meta_sha256") != digest:
-                raise CacheError(f"{path} belongs to another cache; delete {cache_dir} or pass --rebuild_cache")
+                raise CacheError(f"{path} belongs to another cache; "
+                                 f"delete {cache_dir} or pass --rebuild_cache")
             self.files.append(f)
             off = f.get_tensor("offsets").tolist()
-            for e, (i, s) in enumerate(zip(f.get_tensor("example_ids").tolist(), f.get_tensor("seq_logps").tolist())):
+            for e, (i, s) in enumerate(zip(f.get_tensor("example_ids").tolist(),
+                                           f.get_tensor("seq_logps").tolist())):
                 self.where[i] = (fi, off[e], off[e + 1])
                 self.seq[i] = s
 
@@ -208,7 +217,8 @@ class ProxyCache:
         return out
 
 
-def prepare_cache_or_exit(cfg, tok: data.Tokenizer, d_s: list[int], rank: int) -> tuple[dict, list[int] | None]:
+def prepare_cache_or_exit(cfg, tok: data.Tokenizer, d_s: list[int],
+                          rank: int) -> tuple[dict, list[int] | None]:
     """Collective; a cache of another run stops every rank with one message. Rank 0 hashes the proxy and
     creates or checks cfg.cache_dir; every rank gets (the cache's meta, the examples of D_s it still
     lacks: None when it is COMPLETE, [] when every part is written but COMPLETE is not)."""
@@ -218,7 +228,8 @@ def prepare_cache_or_exit(cfg, tok: data.Tokenizer, d_s: list[int], rank: int) -
             meta = cache_meta(cfg, tok, len(d_s), proxy_fingerprint(cfg.proxy))
             prepare_cache_dir(cfg.cache_dir, meta, cfg.rebuild_cache)
             if not os.path.exists(os.path.join(cfg.cache_dir, "COMPLETE")):
-                todo = sorted(set(d_s) - cached_example_ids(cfg.cache_dir))  # whole parts already written stay
+                # whole parts already written stay
+                todo = sorted(set(d_s) - cached_example_ids(cfg.cache_dir))
         except (CacheError, OSError) as e:
             err = str(e)
     meta, todo, err = ranks.agree((meta, todo, err), long=True)
@@ -251,14 +262,16 @@ def open_cache_or_exit(cache_dir: str, meta: dict, d_s: list[int], rank: int, fi
     return cache
 
 
-def topk_rows(topk_ids: torch.Tensor, topk_logps: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def topk_rows(topk_ids: torch.Tensor, topk_logps: torch.Tensor,
+              labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(B, T-1, k) batch cache -> per example (ids (n_i, k), logps (n_i, k)) at its n_i response
     positions, in order: the compact form to store. Inverse of pad_topk for the same labels."""
     m = pk.response_mask(labels)
     return [(topk_ids[b][m[b]], topk_logps[b][m[b]]) for b in range(labels.shape[0])]
 
 
-def pad_topk(rows: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_topk(rows: list[tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
+             device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example cache rows (ids (n_i, k), logps (n_i, k)) + the batch labels (B, T) ->
     (topk_ids (B, T-1, k) int32, topk_logps (B, T-1, k)) on the shifted grid, zeros where masked, on
     `device` (default the labels'). Built on the host: give it host labels (make_batch's labels_cpu) and

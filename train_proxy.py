@@ -57,7 +57,8 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
     lr: float = 1e-5  # Adam, constant (paper)
     optimizer: str = "adam"  # adam (paper) or sgd (tests: its update is proportional to the gradient)
-    loss: str = "fused"  # fused (fast.py's heads) or reference (full logits, proxykd.py as written): same numbers
+    # fused (fast.py's heads) or reference (full logits, proxykd.py as written): same numbers
+    loss: str = "fused"
     warmup_epochs: int = 1  # stage 1 passes over D_w (paper: one epoch)
     rounds: int = 16  # k, alignment iterations over D_p (paper: 16); round i trains on shard i of D_p
     beta: float = 0.1  # DPO temperature of Eq. 4
@@ -68,7 +69,8 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     greedy: bool = False  # y_hat = greedy decode instead of sampling (debugging, exactness tests)
     max_new_tokens: int = 512  # length cap of y_hat (also cut to max_len - prompt length)
     sampler: str = "auto"  # reference-pass decode: gathered, tensor_parallel, or auto (by the memory plan)
-    gen_batch_size: int = 0  # prompts per decode: per rank (gathered), all ranks (tensor_parallel); 0 = batch_size
+    # prompts per decode: per rank (gathered), all ranks (tensor_parallel); 0 = batch_size
+    gen_batch_size: int = 0
     plan: bool = False  # print the per-GPU memory plan from config.json and the flags, and exit (no weights)
     plan_world_size: int = 0  # --plan: GPUs to plan for (0 = this launch's world size)
     trace: bool = False  # --plan: also run each phase on fake tensors at full size (CPU, minutes) and compare
@@ -104,7 +106,8 @@ def main(argv=None) -> None:
     check_stages_or_exit(run, len(examples), d_w, shards)
     run.encode(d_w + d_p, examples, held_out)
     # what trained this proxy, for its final/provenance.json: rank 0 hashes the data file
-    prov = provenance.data_provenance(cfg.data, cfg.split_seed, len(examples), run.tok) if run.rank == 0 else None
+    prov = (provenance.data_provenance(cfg.data, cfg.split_seed, len(examples), run.tok)
+            if run.rank == 0 else None)
     prov = ranks.agree(prov, long=True)
     choose_sampler_or_exit(run)
     model = sharding.load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
@@ -113,7 +116,8 @@ def main(argv=None) -> None:
     run.optimizer = run.make_optimizer()
     warm_steps = data.plan_steps(d_w, cfg, run.rank, run.world, range(cfg.warmup_epochs))
     # the epoch offset keeps each round's shuffle distinct from the warm-up's
-    round_steps = [data.plan_steps(s, cfg, run.rank, run.world, [cfg.warmup_epochs + i]) for i, s in enumerate(shards)]
+    round_steps = [data.plan_steps(s, cfg, run.rank, run.world, [cfg.warmup_epochs + i])
+                   for i, s in enumerate(shards)]
     if cfg.resume:
         run.restore_checkpoint_or_exit()  # the newest checkpoint: step, LoRA, Adam, RNG
     total = len(warm_steps) + sum(len(s) for s in round_steps)
@@ -123,7 +127,8 @@ def main(argv=None) -> None:
     # stage 1, warm-up: Eq. 3 on D_w. The warmed-up proxy, before any alignment, is an output too
     train(run, warm_steps, 0, "warmup")
     if warm_steps and run.step == len(warm_steps):
-        checkpoints.save_final(os.path.join(cfg.out, "warmup"), run.model, cfg.tokenizer, cfg.base, provenance=prov)
+        checkpoints.save_final(os.path.join(cfg.out, "warmup"), run.model, cfg.tokenizer, cfg.base,
+                               provenance=prov)
 
     # stage 2, align: round i = a reference pass under pi_p^(i-1), then an alignment pass to pi_p^(i)
     first = len(warm_steps)
@@ -136,8 +141,9 @@ def main(argv=None) -> None:
                 if ranks.any_rank(pairs is None, run.device):  # a rank lacks its file: every rank samples
                     if run.step > first:
                         ranks.fail(run.rank, f"resuming inside round {rnd} needs every rank's round file "
-                                             f"{rounds.path(cfg.out, rnd, 0, run.world)} ... (written at the round "
-                                             f"start by the same world size and settings); one is missing or stale")
+                                             f"{rounds.path(cfg.out, rnd, 0, run.world)} ... (written "
+                                             f"at the round start by the same world size and settings); "
+                                             f"one is missing or stale")
                     pairs = reference_pass(run, rnd, steps)
             train(run, steps, first, "align", rnd, pairs)
         rounds.remove(cfg.out, rnd, run.rank, run.world)  # checkpointed: its reference is never needed again
@@ -188,8 +194,8 @@ def reference_pass(run: Run, rnd: int, steps: list) -> dict:
     stats = data.to_device(torch.tensor(stats, dtype=torch.float64), run.device)
     dist.all_reduce(stats)
     seconds, n, length, same = stats.tolist()
-    run.log({"step": run.step, "stage": "sample", "round": rnd, "seconds": seconds / run.world, "pairs": int(n),
-             "rejected_len_mean": length / n, "identical_to_teacher": same / n})
+    run.log({"step": run.step, "stage": "sample", "round": rnd, "seconds": seconds / run.world,
+             "pairs": int(n), "rejected_len_mean": length / n, "identical_to_teacher": same / n})
     run.reset_clock()  # tokens/s leaves the reference pass out
     return pairs
 
@@ -209,17 +215,20 @@ def sample_round(run: Run, steps: list, generator: torch.Generator) -> dict:
     model.eval()
     ids_all, seqs, plens, ref_c, ref_r = [], [], [], [], []
     micro = [ids for step in steps for ids in step]
-    prompts = [list(run.encoded[i]["input_ids"][: rounds.prompt_len(run.encoded[i])]) for ids in micro for i in ids]
+    prompts = [list(run.encoded[i]["input_ids"][: rounds.prompt_len(run.encoded[i])])
+               for ids in micro for i in ids]
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, greedy=cfg.greedy, generator=generator)
     n = cfg.gen_batch_size
     if cfg.sampler == "tensor_parallel":
         generator.set_state(ranks.agree(generator.get_state()))
         tp = tensor_parallel.tensor_parallel_copy(model)
-        y_hats = tensor_parallel.tp_generate(tp, prompts, n, cfg.max_new_tokens, tok.eos_id, tok.pad_id, **sampling)
+        y_hats = tensor_parallel.tp_generate(tp, prompts, n, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                             **sampling)
         del tp
     else:
         with gathered(model):  # one all-gather per unit here; the decode forwards below issue none
-            y_hats = [y for i in tqdm(range(0, len(prompts), n), desc="sample", leave=False, disable=run.rank != 0)
+            y_hats = [y for i in tqdm(range(0, len(prompts), n), desc="sample", leave=False,
+                                      disable=run.rank != 0)
                       for y in generate(model, prompts[i : i + n], cfg.max_new_tokens, tok.eos_id, tok.pad_id,
                                         **sampling)]
         ranks.long_barrier()  # each rank decoded its own rows to their own ends: the first done waits here
@@ -227,8 +236,10 @@ def sample_round(run: Run, steps: list, generator: torch.Generator) -> dict:
     for ids in micro:  # every rank has the same number of micro-batches: the same FSDP forwards
         ranks.crash_point("sample")
         encs = [run.encoded[i] for i in ids]
-        rej = [rounds.rejected_example(e, next(y_hats), tok.eos_id, cfg.max_new_tokens, cfg.max_len) for e in encs]
-        b = data.make_batch(ids, run.encoded, tok.pad_id, run.device, extra=rej)  # rows [y_1..y_B; y_hat_1..y_hat_B]
+        rej = [rounds.rejected_example(e, next(y_hats), tok.eos_id, cfg.max_new_tokens, cfg.max_len)
+               for e in encs]
+        # rows [y_1..y_B; y_hat_1..y_hat_B]
+        b = data.make_batch(ids, run.encoded, tok.pad_id, run.device, extra=rej)
         labels = b["labels"]
         lp = head(model, b["input_ids"], cfg.loss, lambda logits: pk.sequence_logps(logits, labels),
                   lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size, b["n_rows"]))
@@ -269,8 +280,10 @@ class ProxyStep(NamedTuple):
         out = {"loss": self.loss, "nll": self.nll}
         if self.pairs:
             n = self.pairs
-            out.update(dpo=self.dpo, reward_chosen=self.reward_chosen / n, reward_rejected=self.reward_rejected / n,
-                       reward_margin=(self.reward_chosen - self.reward_rejected) / n, reward_accuracy=self.correct / n)
+            out.update(dpo=self.dpo, reward_chosen=self.reward_chosen / n,
+                       reward_rejected=self.reward_rejected / n,
+                       reward_margin=(self.reward_chosen - self.reward_rejected) / n,
+                       reward_accuracy=self.correct / n)
         return out
 
 
@@ -289,7 +302,8 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
     """
     cfg, device, dpo = run.cfg, run.device, "ref_chosen" in batches[0]
     # the step's global counts: response tokens of the teacher's replies y, and pairs (examples)
-    counts = torch.tensor([[float(b["n_tokens"]), float(b["n"])] for b in batches], dtype=torch.float64).sum(0)
+    counts = torch.tensor([[float(b["n_tokens"]), float(b["n"])] for b in batches],
+                          dtype=torch.float64).sum(0)
     counts = data.to_device(counts, device)
     dist.all_reduce(counts)
     n_tokens, n_pairs = (counts.clamp(min=1) / run.world).float().unbind()
@@ -302,12 +316,15 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
             # one forward over [y; y_hat]: the chosen half serves both Eq. 3 and Eq. 4
             lp = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.sequence_logps(logits, labels),
                       lambda h, w: fast.sequence_logps_fused(h, w, labels, cfg.chunk_size, rows))
-            out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], nll_divisor, cfg.beta, n_pairs)
+            out = pk.proxy_loss(lp[:n], lp[n:], b["ref_chosen"], b["ref_rejected"], nll_divisor,
+                                cfg.beta, n_pairs)
             loss, nll, pref = out.loss, out.nll, out.pref
             rc, rr = out.chosen_rewards.double(), out.rejected_rewards.double()
-            sums[3:7] += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(), torch.ones_like(rc).sum()])
+            sums[3:7] += torch.stack([rc.sum(), rr.sum(), (rc > rr).double().sum(),
+                                      torch.ones_like(rc).sum()])
         else:  # Eq. 3, this micro-batch's share of the step's mean
-            loss = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.nll_loss(logits, labels, nll_divisor),
+            loss = head(run.model, b["input_ids"], cfg.loss,
+                        lambda logits: pk.nll_loss(logits, labels, nll_divisor),
                         lambda h, w: fast.nll_loss_fused(h, w, labels, nll_divisor, cfg.chunk_size, rows))
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()
@@ -354,10 +371,12 @@ def check_stages_or_exit(run: Run, n_examples: int, d_w: list[int], shards: list
     """Stop every rank, in one line, when the data leaves a stage without examples: the warm-up (10% of
     the teacher's examples) or an alignment round (1 / --rounds of 45%)."""
     empty = [] if d_w else ["the warm-up (D_w, 10%)"]
-    empty += [f"round {i} of {len(shards)} (1/{len(shards)} of D_p, 45%)" for i, s in enumerate(shards, 1) if not s]
+    empty += [f"round {i} of {len(shards)} (1/{len(shards)} of D_p, 45%)"
+              for i, s in enumerate(shards, 1) if not s]
     if empty:
-        ranks.fail(run.rank, f"{run.cfg.data}: {n_examples} examples leave {', '.join(empty[:3])} without examples; "
-                             f"give more teacher examples (at least {10 * max(1, len(shards))}) or fewer --rounds")
+        ranks.fail(run.rank, f"{run.cfg.data}: {n_examples} examples leave {', '.join(empty[:3])} "
+                             f"without examples; give more teacher examples "
+                             f"(at least {10 * max(1, len(shards))}) or fewer --rounds")
 
 
 def plan_memory(cfg: Config, world: int, device: torch.device | None = None) -> memory_plan.Plan:
@@ -383,11 +402,12 @@ def choose_sampler_or_exit(run: Run) -> None:
         decode = "TP decode" if cfg.sampler == "tensor_parallel" else "gathered decode"
         if not plan.fits(decode):
             title = f"train_proxy.py memory plan: {cfg.base}, {world} GPUs"
-            ranks.fail(run.rank, f"no sampler fits the memory plan at {world} rank(s) (lower --gen_batch_size, add "
-                                 f"GPUs, or pass --sampler to try one anyway):\n" + memory_plan.format_plan(plan, title))
+            ranks.fail(run.rank, f"no sampler fits the memory plan at {world} rank(s) "
+                                 f"(lower --gen_batch_size, add GPUs, or pass --sampler "
+                                 f"to try one anyway):\n" + memory_plan.format_plan(plan, title))
     if cfg.sampler == "tensor_parallel" and "TP decode" not in plan.phases:
-        ranks.fail(run.rank, f"--sampler tensor_parallel needs the heads and hidden_dim of {cfg.base} divisible by "
-                             f"{world} ranks")
+        ranks.fail(run.rank, f"--sampler tensor_parallel needs the heads and hidden_dim of {cfg.base} "
+                             f"divisible by {world} ranks")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 @dataclass
 class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeout_min
     base: str = ""  # student base checkpoint, HF format (config.json + *.safetensors)
-    proxy: str = ""  # aligned proxy, HF format (train_proxy.py's <out>/final, with tokenizer.model); unused at alpha 0
+    # aligned proxy, HF format (train_proxy.py's <out>/final, with tokenizer.model); unused at alpha 0
+    proxy: str = ""
     tokenizer: str = ""  # sentencepiece tokenizer.model shared by proxy and student
     data: str = ""  # teacher jsonl, the same file train_proxy.py read; D_s is its "student" split
     eval_data: str = ""  # held-out teacher jsonl for NLL / top-1 agreement ("" = no eval)
@@ -65,12 +66,14 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * world
     lr: float = 1e-5  # Adam, constant (paper)
     optimizer: str = "adam"  # adam (paper) or sgd (tests: its update is proportional to the gradient)
-    loss: str = "fused"  # fused (fast.py's heads) or reference (full logits, proxykd.py as written): same numbers
+    # fused (fast.py's heads) or reference (full logits, proxykd.py as written): same numbers
+    loss: str = "fused"
     epochs: int = 1  # passes over D_s (paper: one epoch)
-    max_examples: int = 0  # train on the first N examples of D_s only (0 = all); the cache and Eq. 9 keep all D_s
-    alpha: float = 100.0  # weight of the KL term in Eq. 11 (paper: 100); 0 = black-box KD, plain SFT, no proxy
+    max_examples: int = 0  # train on the first N examples of D_s only (0 = all); cache and Eq. 9 keep all D_s
+    # weight of the KL term in Eq. 11 (paper: 100); 0 = black-box KD, plain SFT, no proxy
+    alpha: float = 100.0
     no_weights: bool = False  # w = 1: unweighted KL, Eq. 8 instead of Eq. 10 (ablation)
-    weight_per_token: bool = False  # Eq. 9 on log pi_p(y|x) / |y| instead of the sequence sum (not in the paper)
+    weight_per_token: bool = False  # Eq. 9 on log pi_p(y|x) / |y| instead of the sequence sum (not in paper)
     topk: int = 10  # cached proxy tokens per position (paper: 10)
     cache_dtype: str = "float16"  # dtype of the cached log-probs: float16 or bfloat16
     cache_batch_size: int = 8  # examples per proxy forward per rank while caching
@@ -81,7 +84,7 @@ class Config(ranks.Launch):  # + device, deterministic, timeout_min, long_timeou
     lora_r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # LoRA scaling numerator (scaling = lora_alpha / lora_r = 2)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
-    base_dtype: str = "bfloat16"  # dtype of the frozen student base (paper: bf16); float32 for exactness tests
+    base_dtype: str = "bfloat16"  # dtype of the frozen base (paper: bf16); float32 for exactness tests
     merged_dtype: str = ""  # dtype of final/model.safetensors ("" = the base checkpoint's dtype)
     activation_checkpointing: bool = False  # recompute each block in backward (long sequences / big models)
     chunk_size: int = 0  # rows per (rows, V) logits block of a fused head (0: fast.default_chunk_size)
@@ -125,7 +128,8 @@ def main(argv=None) -> None:
             return
 
     # distil: the student, frozen bf16 base + fp32 LoRA (FSDP2), trained on Eq. 11 over D_s
-    model = sharding.load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, DTYPES[cfg.base_dtype])
+    model = sharding.load_lora_model(cfg.base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                     DTYPES[cfg.base_dtype])
     run.model = sharding.shard_model(model, cfg.activation_checkpointing)
     run.optimizer = run.make_optimizer()
     train_ids = d_s[: cfg.max_examples] if cfg.max_examples else d_s  # a student-only data budget, in order
@@ -157,7 +161,8 @@ def cache_proxy(run: Run, d_s: list[int], records: list[dict]) -> topk_cache.Pro
         t0 = time.time()
         # every rank builds the proxy on the meta device and reads only its own shard of each tensor, so
         # no GPU and no rank ever holds the whole proxy
-        proxy = sharding.shard_model(sharding.load_base(cfg.proxy, DTYPES[cfg.proxy_dtype]).requires_grad_(False).eval())
+        proxy = sharding.shard_model(
+            sharding.load_base(cfg.proxy, DTYPES[cfg.proxy_dtype]).requires_grad_(False).eval())
         n_tok = build_cache(run, proxy, todo, topk_cache.meta_digest(meta))
         # free the proxy before the student loads: FSDP2 keeps the module in a reference cycle, so `del`
         # alone leaves every shard allocated until the cycle collector runs
@@ -173,8 +178,9 @@ def cache_proxy(run: Run, d_s: list[int], records: list[dict]) -> topk_cache.Pro
     cache = topk_cache.open_cache_or_exit(cfg.cache_dir, meta, d_s, run.rank, finalise=todo is not None)
     records.append({"step": 0, "phase": "cache_ready", "cache_dir": cfg.cache_dir, **cache.stats})
     if run.rank == 0:
-        print(f"proxy cache {cfg.cache_dir}: {cache.stats['examples']} examples, {cache.stats['tokens']} tokens, "
-              f"{cache.stats['bytes_per_token']:.1f} bytes/token", file=sys.stderr)
+        print(f"proxy cache {cfg.cache_dir}: {cache.stats['examples']} examples, "
+              f"{cache.stats['tokens']} tokens, {cache.stats['bytes_per_token']:.1f} bytes/token",
+              file=sys.stderr)
     return cache
 
 
@@ -199,7 +205,8 @@ def build_cache(run: Run, proxy, todo: list[int], digest: str) -> int:
             labels = b["labels"]
             top_ids, top_lps, seq = head(proxy, b["input_ids"], cfg.loss,
                                          lambda logits: pk.topk_logps(logits, labels, cfg.topk),
-                                         lambda h, w: fast.topk_logps_chunked(h, w, labels, cfg.topk, cfg.chunk_size))
+                                         lambda h, w: fast.topk_logps_chunked(h, w, labels, cfg.topk,
+                                                                              cfg.chunk_size))
             if ids:
                 ahead = ids, b["labels_cpu"], *data.to_host(top_ids, top_lps.to(DTYPES[cfg.cache_dtype]), seq)
         if behind is not None:
@@ -217,7 +224,8 @@ def build_cache(run: Run, proxy, todo: list[int], digest: str) -> int:
     return n_tok
 
 
-def example_weights(run: Run, cache: topk_cache.ProxyCache, d_s: list[int], records: list[dict]) -> dict | None:
+def example_weights(run: Run, cache: topk_cache.ProxyCache, d_s: list[int],
+                    records: list[dict]) -> dict | None:
     """Eq. 9 per example id (None with --no_weights: w = 1). mu and gamma are over all of D_s: each rank
     contributes a disjoint slice to their all_reduce. Examples cut to no response tokens (prompt >=
     max_len) have no KL term; they are left out of the moments and weigh 0."""
@@ -303,16 +311,20 @@ def student_step(run: Run, batches: list[dict], cache: topk_cache.ProxyCache | N
     for b in batches:
         labels, rows = b["labels"], b["n_rows"]
         if cache is None:  # black-box KD: Eq. 7, this micro-batch's share of the step's mean
-            loss = head(run.model, b["input_ids"], cfg.loss, lambda logits: pk.nll_loss(logits, labels, n_tokens),
+            loss = head(run.model, b["input_ids"], cfg.loss,
+                        lambda logits: pk.nll_loss(logits, labels, n_tokens),
                         lambda h, w: fast.nll_loss_fused(h, w, labels, n_tokens, cfg.chunk_size, rows))
             nll, wkl = loss.detach(), torch.zeros((), device=device)
         else:
-            top_ids, top_lps = topk_cache.pad_topk(cache.rows(b["ids"]), b["labels_cpu"], device)  # (B, T-1, k)
-            w = None if weights is None else data.to_device(torch.tensor([weights[i] for i in b["ids"]]), device)
+            # (B, T-1, k)
+            top_ids, top_lps = topk_cache.pad_topk(cache.rows(b["ids"]), b["labels_cpu"], device)
+            w = (None if weights is None
+                 else data.to_device(torch.tensor([weights[i] for i in b["ids"]]), device))
             out = head(run.model, b["input_ids"], cfg.loss,
-                       lambda logits: pk.student_loss(logits, labels, top_ids, top_lps, w, cfg.alpha, n_tokens),
-                       lambda h, wt: fast.student_loss_fused(h, wt, labels, top_ids, top_lps, w, cfg.alpha, n_tokens,
-                                                             cfg.chunk_size, rows))
+                       lambda logits: pk.student_loss(logits, labels, top_ids, top_lps, w, cfg.alpha,
+                                                      n_tokens),
+                       lambda h, wt: fast.student_loss_fused(h, wt, labels, top_ids, top_lps, w, cfg.alpha,
+                                                             n_tokens, cfg.chunk_size, rows))
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, wkl]).double()

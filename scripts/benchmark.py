@@ -1,15 +1,17 @@
-"""Speed and memory of Proxy-KD's hot loops on the machine at hand (a benchmark, not a test).
+r"""Speed and memory of Proxy-KD's hot loops on the machine at hand (a benchmark, not a test).
 
     python scripts/benchmark.py                   # tiny + mid configs; CPU here, CUDA when present
     python scripts/benchmark.py --configs tiny    # quick look
 
 Every number comes from the training scripts' own functions on a one-rank model (sharding.shard_model,
-which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every linear), random weights and tokens:
+which at one rank leaves it unsharded; frozen base + fp32 LoRA r 8 on every linear), random weights
+and tokens:
   proxy step    train_proxy.train_step in stage 2: one forward / backward over [y; y_hat] (2B sequences)
                 for Eq. 6 = NLL + DPO, Adam on the LoRA tensors. tokens/s counts all 2B*T tokens.
   student step  train_student.student_step: Eq. 11 = NLL + alpha * w * KL against a top-10 cache
                 (random, in memory), chunked over the vocabulary. tokens/s counts B*T.
-  decode        model.generate: batched KV-cache sampling of B prompts (a round's reference pass), new tokens/s.
+  decode        model.generate: batched KV-cache sampling of B prompts (a round's reference pass),
+                new tokens/s.
   cache         train_student.build_cache writing real part files: bytes per cached response token.
   ref. pass     the round's reference-pass decode at --prepass_world ranks (a torchrun launch of this script):
                 new tokens/s per rank of the gathered sampler (whole model per rank, each rank decodes its
@@ -43,7 +45,8 @@ page-faulted and zeroed on every allocation. transformers' (B, T, V) logits are 
 time moves by up to 40% between runs (ours allocates nothing that large). Run it again with freed memory
 kept in the process to compare the two without that cost:
 
-    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 python scripts/benchmark.py --compare_hf ...
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python scripts/benchmark.py --compare_hf ...
 
 The table header records the allocator settings of each run, and the table the minor page faults per call
 (medians), which show the effect directly.
@@ -78,7 +81,8 @@ from run import Run  # noqa: E402
 
 CONFIGS = {
     # the demo's proxy shape (scripts/demo.py)
-    "tiny": dict(args=dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=320, max_seq_len=1024),
+    "tiny": dict(args=dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=320,
+                           max_seq_len=1024),
                  cpu=dict(B=16, T=128, prompt=32, new=64), cuda=dict(B=64, T=128, prompt=32, new=64)),
     # ~155M parameters, a Llama-2 vocabulary and GQA: big enough that matmuls dominate
     "mid": dict(args=dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000,
@@ -90,16 +94,20 @@ CONFIGS = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="tiny,mid")
-    p.add_argument("--dtypes", default="", help="base dtypes (default: bfloat16 on CUDA, float32,bfloat16 on CPU)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (after one warm-up step)")
+    p.add_argument("--dtypes", default="",
+                   help="base dtypes (default: bfloat16 on CUDA, float32,bfloat16 on CPU)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per measurement (after one warm-up step)")
     p.add_argument("--peak_tflops", type=float, default=0.0,
                    help="accelerator peak for MFU (default: peak_tflops of the GPU's name, bf16 dense)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench_out", "benchmark.md"))
-    p.add_argument("--prepass_world", type=int, default=2, help="ranks of the reference-pass sampler comparison (0 = skip it)")
+    p.add_argument("--prepass_world", type=int, default=2,
+                   help="ranks of the reference-pass sampler comparison (0 = skip it)")
     p.add_argument("--prepass_only", action="store_true", help=argparse.SUPPRESS)  # the torchrun half
     p.add_argument("--compare_hf", action="store_true",
                    help="time transformers + peft side by side instead (see the module docstring)")
-    p.add_argument("--repeats", type=int, default=3, help="--compare_hf: interleaved rounds (median reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="--compare_hf: interleaved rounds (median reported)")
     return p.parse_args(argv)
 
 
@@ -141,7 +149,8 @@ def matmul_params(args: ModelArgs) -> int:
     """The parameters a token multiplies through: every block linear and the output head. The embedding
     is a lookup (no FLOPs), so MFU leaves it out unless it is tied to the head (then counted once, as
     the head); the norms are elementwise."""
-    blocks = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads) + 3 * args.dim * args.hidden_dim)
+    blocks = args.n_layers * (args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+                              + 3 * args.dim * args.hidden_dim)
     return blocks + args.vocab_size * args.dim
 
 
@@ -200,7 +209,8 @@ def batch(B: int, T: int, prompt: int, vocab: int, device, n: int | None = None)
     labels[:, :prompt] = -100
     n = B if n is None else n
     return {"input_ids": ids.to(device), "labels": labels.to(device), "labels_cpu": labels, "n": n,
-            "n_tokens": n * (T - prompt), "n_rows": B * (T - prompt), "n_fwd": float(B * T), "ids": list(range(n))}
+            "n_tokens": n * (T - prompt), "n_rows": B * (T - prompt), "n_fwd": float(B * T),
+            "ids": list(range(n))}
 
 
 class RandomCache:
@@ -231,7 +241,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     pb["ref_chosen"] = torch.zeros(B, device=device)
     pb["ref_rejected"] = torch.zeros(B, device=device)
     peak.reset()
-    dt = timed(lambda: tp.train_step(Run(cfg, device=device, model=model, optimizer=opt), [pb]), a.steps, device)
+    dt = timed(lambda: tp.train_step(Run(cfg, device=device, model=model, optimizer=opt), [pb]),
+               a.steps, device)
     row.update(proxy_tok_s=2 * B * T / dt, proxy_peak_gib=peak.gib())
     flops = train_step_flops(args, pb["labels_cpu"])
     row["proxy_mfu"] = flops / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
@@ -242,7 +253,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     cache = RandomCache(T - P, args.vocab_size)  # response positions: labels[:, P:]
     weights = {i: 0.5 for i in range(B)}
     peak.reset()
-    dt = timed(lambda: ts.student_step(Run(scfg, device=device, model=model, optimizer=opt), [sb], cache, weights), a.steps, device)
+    dt = timed(lambda: ts.student_step(Run(scfg, device=device, model=model, optimizer=opt), [sb], cache,
+                                       weights), a.steps, device)
     row.update(student_tok_s=B * T / dt, student_peak_gib=peak.gib())
     flops = train_step_flops(args, sb["labels_cpu"])
     row["student_mfu"] = flops / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
@@ -252,7 +264,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
     gen = torch.Generator().manual_seed(0)
     model.eval()
     peak.reset()
-    dt = timed(lambda: generate(model, prompts, s["new"], eos_id=-1, pad_id=0, generator=gen), max(1, a.steps - 1), device)
+    dt = timed(lambda: generate(model, prompts, s["new"], eos_id=-1, pad_id=0, generator=gen),
+               max(1, a.steps - 1), device)
     model.train()
     row.update(decode_tok_s=B * s["new"] / dt, decode_peak_gib=peak.gib())
     row["decode_mfu"] = 2 * n_flop * B * s["new"] / dt / (a.peak_tflops * 1e12) if a.peak_tflops else None
@@ -263,8 +276,8 @@ def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
         encoded = {i: {"input_ids": r[: T - (i % 4) * 8], "labels": [-100] * P + r[P : T - (i % 4) * 8]}
                    for i, r in enumerate(torch.randint(4, args.vocab_size, (4 * B, T)).tolist())}
         model.eval()
-        n_tok = ts.build_cache(Run(ccfg, device=device, tok=types.SimpleNamespace(pad_id=0), encoded=encoded), model,
-                               list(encoded), "benchmark")
+        n_tok = ts.build_cache(Run(ccfg, device=device, tok=types.SimpleNamespace(pad_id=0), encoded=encoded),
+                               model, list(encoded), "benchmark")
         model.train()
         size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
         row["cache_bytes_per_token"] = size / n_tok
@@ -283,7 +296,8 @@ def bench_prepass(name: str, dtype: torch.dtype, device, a) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     model, _ = lora_model(args, dtype, device)
     model.eval()
-    prompts = torch.randint(4, args.vocab_size, (B, P), generator=torch.Generator().manual_seed(rank)).tolist()
+    prompts = torch.randint(4, args.vocab_size, (B, P),
+                            generator=torch.Generator().manual_seed(rank)).tolist()
     gen = torch.Generator().manual_seed(0)
 
     def gathered_pass():
@@ -313,8 +327,9 @@ def prepass_table(rows: list[dict], header: str) -> str:
              "| tensor-parallel new tok/s per rank | TP / gathered | TP copy build s |",
              "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['dtype']} | {r['world']} | {r['B']} x {r['prompt']} + {r['new']} | "
-                     f"{r['gathered_tok_s']:,.1f} | {r['tp_tok_s']:,.1f} | {r['tp_over_gathered']:.2f} | {r['tp_build_s']:.2f} |")
+        lines.append(f"| {r['config']} | {r['dtype']} | {r['world']} | {r['B']} x {r['prompt']} + {r['new']} "
+                     f"| {r['gathered_tok_s']:,.1f} | {r['tp_tok_s']:,.1f} | {r['tp_over_gathered']:.2f} "
+                     f"| {r['tp_build_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -331,7 +346,8 @@ def hf_lora_model(base: Llama, dtype, device):
     config._attn_implementation = "sdpa"
     hf = LlamaForCausalLM(config).to(dtype)
     hf.load_state_dict(base.state_dict())
-    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(lora.TARGETS)))
+    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                       target_modules=list(lora.TARGETS)))
     hf.to(device).train()
     opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
     return hf, opt
@@ -367,7 +383,8 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
     top_ids, top_lps = topk_cache.pad_topk(cache.rows(sb["ids"]), sb["labels"])
     w = torch.full((B,), 0.5, device=device)
     cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
-    run, srun = Run(cfg, device=device, model=ours, optimizer=o_opt), Run(scfg, device=device, model=ours, optimizer=o_opt)
+    run, srun = (Run(cfg, device=device, model=ours, optimizer=o_opt),
+                 Run(scfg, device=device, model=ours, optimizer=o_opt))
     prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
     gen_cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
                                min_new_tokens=new, pad_token_id=0, eos_token_id=None)
@@ -389,12 +406,14 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
             generate(ours, prompts, new, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
         else:
             with torch.no_grad():
-                theirs.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=gen_cfg)
+                theirs.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
+                                generation_config=gen_cfg)
         model.train()
 
     steps = {  # name: (tokens per call, ours, theirs)
         "stage-1 NLL step": (B * T, lambda: tp.train_step(run, [b1]),
-                             lambda: hf_step(theirs, t_opt, lambda m: m(input_ids=b1["input_ids"], labels=b1["labels"]).loss)),
+                             lambda: hf_step(theirs, t_opt, lambda m: m(input_ids=b1["input_ids"],
+                                                                        labels=b1["labels"]).loss)),
         "stage-2 NLL+DPO step": (2 * B * T, lambda: tp.train_step(run, [b2]),
                                  lambda: hf_step(theirs, t_opt, their_dpo)),
         "student NLL+KL step": (B * T, lambda: ts.student_step(srun, [sb], cache, weights),
@@ -414,8 +433,8 @@ def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
             ours_f.append((f1 - f0) / a.steps)
             theirs_f.append((minor_faults() - f1) / a.steps)
         o, t = median(ours_s), median(theirs_s)
-        rows.append(dict(config=name, dtype=str(dtype).replace("torch.", ""), step=step, ours_tok_s=o, theirs_tok_s=t,
-                         ratio=o / t, ours_all=ours_s, theirs_all=theirs_s,
+        rows.append(dict(config=name, dtype=str(dtype).replace("torch.", ""), step=step, ours_tok_s=o,
+                         theirs_tok_s=t, ratio=o / t, ours_all=ours_s, theirs_all=theirs_s,
                          ours_faults=median(ours_f), theirs_faults=median(theirs_f)))
         print(f"  {step}: ours {o:,.0f} theirs {t:,.0f} tok/s", file=sys.stderr, flush=True)
     return rows
@@ -425,8 +444,9 @@ def compare_table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| config | base dtype | step | ours tok/s | transformers + peft tok/s | ratio "
              "| minor page faults per call, ours / theirs |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['dtype']} | {r['step']} | {r['ours_tok_s']:,.0f} | {r['theirs_tok_s']:,.0f} "
-                     f"| {r['ratio']:.2f}x | {r['ours_faults']:,.0f} / {r['theirs_faults']:,.0f} |")
+        lines.append(f"| {r['config']} | {r['dtype']} | {r['step']} | {r['ours_tok_s']:,.0f} "
+                     f"| {r['theirs_tok_s']:,.0f} | {r['ratio']:.2f}x "
+                     f"| {r['ours_faults']:,.0f} / {r['theirs_faults']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -444,7 +464,8 @@ def machine(device) -> str:
 
 def allocator() -> str:
     """The host allocator's settings, which move CPU numbers (see --compare_hf in the module docstring)."""
-    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items())
+             if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
     return "malloc " + (" ".join(tuned) if tuned else "glibc defaults")
 
 
@@ -453,14 +474,16 @@ def table(rows: list[dict], header: str) -> str:
         return "-" if x is None else format(x, fmt)
 
     lines = [header, "",
-             "| config | params | base dtype | B x T | proxy NLL+DPO tok/s | peak GiB | student NLL+KL tok/s | peak GiB "
-             "| decode tok/s | peak GiB | cache bytes/token | MFU proxy / student / decode |",
+             "| config | params | base dtype | B x T | proxy NLL+DPO tok/s | peak GiB | student NLL+KL tok/s "
+             "| peak GiB | decode tok/s | peak GiB | cache bytes/token | MFU proxy / student / decode |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        mfu = "-" if r["proxy_mfu"] is None else f"{r['proxy_mfu']:.1%} / {r['student_mfu']:.1%} / {r['decode_mfu']:.1%}"
+        mfu = ("-" if r["proxy_mfu"] is None
+               else f"{r['proxy_mfu']:.1%} / {r['student_mfu']:.1%} / {r['decode_mfu']:.1%}")
         lines.append(f"| {r['config']} | {r['params_M']:.1f}M | {r['dtype']} | {r['B']} x {r['T']} | "
-                     f"{f(r['proxy_tok_s'], ',.0f')} | {f(r['proxy_peak_gib'], '.2f')} | {f(r['student_tok_s'], ',.0f')} | "
-                     f"{f(r['student_peak_gib'], '.2f')} | {f(r['decode_tok_s'], ',.0f')} | {f(r['decode_peak_gib'], '.2f')} | "
+                     f"{f(r['proxy_tok_s'], ',.0f')} | {f(r['proxy_peak_gib'], '.2f')} | "
+                     f"{f(r['student_tok_s'], ',.0f')} | {f(r['student_peak_gib'], '.2f')} | "
+                     f"{f(r['decode_tok_s'], ',.0f')} | {f(r['decode_peak_gib'], '.2f')} | "
                      f"{r['cache_bytes_per_token']:.1f} | {mfu} |")
     return "\n".join(lines)
 
@@ -469,15 +492,18 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     if a.prepass_only:  # one rank of the torchrun launch in prepass()
         _, _, device = ranks.init_distributed()
-        rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",") for dt in a.dtypes.split(",")]
+        rows = [bench_prepass(n, getattr(torch, dt), device, a) for n in a.configs.split(",")
+                for dt in a.dtypes.split(",")]
         if int(os.environ.get("RANK", 0)) == 0:
             with open(a.out, "w") as f:
                 json.dump({"machine": machine(device), "rows": rows}, f, indent=1)
         ranks.finish(0)
     cuda = os.environ.get("PROXYKD_DEVICE", "auto") != "cpu" and torch.cuda.is_available()
     dtypes = a.dtypes or ("bfloat16" if cuda else "float32,bfloat16")
-    # the multi-rank reference-pass decode first: this process takes no GPU (context, process group) until it is done
-    world = 0 if a.compare_hf else a.prepass_world if not cuda else min(a.prepass_world, torch.cuda.device_count())
+    # the multi-rank reference-pass decode first: this process takes no GPU (context, process group)
+    # until it is done
+    world = (0 if a.compare_hf else a.prepass_world if not cuda
+             else min(a.prepass_world, torch.cuda.device_count()))
     pre = prepass(a, dtypes, world, cuda) if world > 1 else []
     _, _, device = ranks.init_distributed()
     if device.type == "cuda" and not a.peak_tflops:
@@ -490,18 +516,19 @@ def main(argv=None) -> None:
                 rows += compare_config(name, getattr(torch, dt), device, a)
             else:
                 rows.append(bench_config(name, getattr(torch, dt), device, a))
-    header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; one rank, LoRA r 8 on a frozen base, "
-              f"{a.steps} timed steps")
+    header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; "
+              f"one rank, LoRA r 8 on a frozen base, {a.steps} timed steps")
     if a.compare_hf:
         import peft
         import transformers
 
-        header += (f" per measurement, median of {a.repeats} interleaved; transformers {transformers.__version__}, "
-                   f"peft {peft.__version__}")
+        header += (f" per measurement, median of {a.repeats} interleaved; "
+                   f"transformers {transformers.__version__}, peft {peft.__version__}")
     md = compare_table(rows, header) if a.compare_hf else table(rows, header)
     if pre:
-        md += "\n\n" + prepass_table(pre, f"Reference-pass decode at {world} ranks ({'NCCL' if cuda else 'gloo'}), "
-                                           f"{max(1, a.steps - 1)} timed passes after one untimed")
+        md += "\n\n" + prepass_table(pre, f"Reference-pass decode at {world} ranks "
+                                          f"({'NCCL' if cuda else 'gloo'}), "
+                                          f"{max(1, a.steps - 1)} timed passes after one untimed")
     print(md)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
@@ -516,8 +543,9 @@ def prepass(a, dtypes: str, world: int, cuda: bool) -> list[dict]:
     print(f"reference-pass decode at {world} ranks ...", file=sys.stderr, flush=True)
     pre_json = os.path.splitext(os.path.abspath(a.out))[0] + ".prepass.json"
     os.makedirs(os.path.dirname(pre_json), exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
-           "--prepass_only", "--configs", a.configs, "--dtypes", dtypes, "--steps", str(a.steps), "--out", pre_json]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+           __file__, "--prepass_only", "--configs", a.configs, "--dtypes", dtypes, "--steps", str(a.steps),
+           "--out", pre_json]
     threads = 1 if cuda else max(1, (os.cpu_count() or 1) // world)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     with open(pre_json) as f:

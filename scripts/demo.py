@@ -63,7 +63,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-if os.path.join(ROOT, "scripts") not in sys.path:  # demo_world, also when this file is loaded by path (the tests)
+# demo_world, also when this file is loaded by path (the tests)
+if os.path.join(ROOT, "scripts") not in sys.path:
     sys.path.append(os.path.join(ROOT, "scripts"))
 
 # The same numbers on any x86-64 CPU with AVX2 (read before torch loads; the training runs inherit them;
@@ -104,41 +105,51 @@ STUDENTS = {  # variant -> (table label, proxy run or None, extra train_student.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(ROOT, "demo_out"), help="output directory")
-    p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished steps")
-    p.add_argument("--n_teacher", type=int, default=3000, help="teacher examples (D_w 10%%, D_p 45%%, D_s 45%%)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete --out first instead of reusing finished steps")
+    p.add_argument("--n_teacher", type=int, default=3000,
+                   help="teacher examples (D_w 10%%, D_p 45%%, D_s 45%%)")
     p.add_argument("--n_eval", type=int, default=500, help="held-out prompts")
     p.add_argument("--n_val", type=int, default=200,
                    help="validation prompts (model selection; none in the teacher data or the held-out set)")
     p.add_argument("--n_pretrain", type=int, default=20000, help="pretraining corpus size (base style)")
-    p.add_argument("--teacher_share", type=float, default=0.2, help="share of teacher-style replies in pretraining")
+    p.add_argument("--teacher_share", type=float, default=0.2,
+                   help="share of teacher-style replies in pretraining")
     p.add_argument("--pretrain_steps", type=int, default=800, help="optimizer steps of each base (batch 64)")
     p.add_argument("--rounds", type=int, default=4, help="k alignment rounds (paper: 16)")
     p.add_argument("--proxy_lr", type=float, default=2e-3)
     p.add_argument("--student_lr", type=float, default=2e-3)
     p.add_argument("--alpha", type=float, default=1.0, help="KL weight of Eq. 11 (paper: 100)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
-    p.add_argument("--nll_reduction", default="sequence", help="train_proxy.py --nll_reduction (sequence or token)")
+    p.add_argument("--nll_reduction", default="sequence",
+                   help="train_proxy.py --nll_reduction (sequence or token)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seeds", type=int, default=3, help="student runs per variant (seeds 0..n-1)")
-    p.add_argument("--jobs", type=int, default=2, help="training runs at once (each gets threads / jobs threads)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="training runs at once (each gets threads / jobs threads)")
     p.add_argument("--threads", type=int, default=2,
-                   help="CPU threads in all, fixed rather than the machine's core count so results do not depend on it")
+                   help="CPU threads in all, fixed rather than the machine's core count "
+                        "so results do not depend on it")
     p.add_argument("--max_new_tokens", type=int, default=160,
-                   help="reply cap of the proxy's DPO samples and of the eval generations (the longest teacher reply: 100)")
+                   help="reply cap of the proxy's DPO samples and of the eval generations "
+                        "(the longest teacher reply: 100)")
     p.add_argument("--n_exact", type=int, default=100, help="held-out prompts scored by the exact teacher KL")
     p.add_argument("--sweep", action="store_true",
                    help="instead of the main table: the paper's regime (8x capacity gap, harder problems), "
                         "black-box KD vs Proxy-KD over teacher-data budgets")
-    p.add_argument("--sweep_budgets", default="333,1000,3000", help="--sweep: teacher examples |D| per point (D_s = 45%%)")
-    p.add_argument("--sweep_pretrain_steps", type=int, default=800, help="--sweep / --dpo_sweep: optimizer steps of each base")
+    p.add_argument("--sweep_budgets", default="333,1000,3000",
+                   help="--sweep: teacher examples |D| per point (D_s = 45%%)")
+    p.add_argument("--sweep_pretrain_steps", type=int, default=800,
+                   help="--sweep / --dpo_sweep: optimizer steps of each base")
     p.add_argument("--dpo_sweep", action="store_true",
-                   help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) of the proxy, in "
-                        "--sweep's world at its middle budget")
+                   help="instead of the main table: the Eq. 6 balance (NLL reduction, beta, lr) "
+                        "of the proxy, in --sweep's world at its middle budget")
     p.add_argument("--regime", action="store_true",
-                   help="instead of the main table: black-box KD vs Proxy-KD over the student's data budget, for the "
-                        "default teacher and a richer one")
+                   help="instead of the main table: black-box KD vs Proxy-KD over the student's data budget, "
+                        "for the default teacher and a richer one")
     p.add_argument("--regime_sizes", default="40,150,450,1350",
-                   help="--regime: examples of D_s the students train on (the first N; the largest is all of D_s)")
+                   help="--regime: examples of D_s the students train on "
+                        "(the first N; the largest is all of D_s)")
     p.add_argument("--regime_seeds", type=int, default=5, help="--regime: students per cell")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training run (>1: torchrun, gloo)")
     return p.parse_args(argv)
@@ -163,8 +174,9 @@ def make_world(a, d: str, ranges: dict | None = None, rich: bool = False) -> dic
         # mostly the terse base style; a minority in the teacher's own style, so the bases know its words
         # (as a pretrained Llama knows GPT-4's) without preferring its way of answering
         rng = np.random.default_rng([2, 0xBA5E])
-        lines = [json.dumps({"prompt": p, "response": demo_world.demo_teacher(p, rng, rich) if rng.random() < a.teacher_share
-                             else demo_world.demo_base_reply(p)}) + "\n"
+        lines = [json.dumps({"prompt": p, "response": (demo_world.demo_teacher(p, rng, rich)
+                                                       if rng.random() < a.teacher_share
+                                                       else demo_world.demo_base_reply(p))}) + "\n"
                  for p in demo_world.make_demo_prompts(a.n_pretrain, seed=2, **ranges)]
         data.atomic_write(paths["pretrain"], "".join(lines))
     if not os.path.exists(paths["tok"]):
@@ -187,7 +199,8 @@ def pretrain(path: str, shape: dict, corpus: str, tok: data.Tokenizer, steps: in
     encoded = [data.encode_example(tok, e, 256) for e in data.read_jsonl(corpus)]
     order = np.random.default_rng(seed).permutation(len(encoded))
     for step in tqdm(range(steps), desc=f"pretrain {os.path.basename(path)}", dynamic_ncols=True):
-        lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))  # warm-up, cosine
+        # warm-up, cosine
+        lr = 3e-3 * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for g in opt.param_groups:
             g["lr"] = lr
         idx = [order[(step * 64 + j) % len(order)] for j in range(64)]
@@ -253,8 +266,8 @@ def run_jobs(jobs: list[Job], a, desc: str) -> None:
 def proxy_args(a, w: dict, base: str, teacher: str, lr: float, beta: float, nll_reduction: str) -> list[str]:
     return ["--base", base, "--tokenizer", w["tok"], "--data", teacher, "--eval_data", w["heldout"],
             "--rounds", str(a.rounds), "--lr", str(lr), "--beta", str(beta), "--nll_reduction", nll_reduction,
-            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", str(a.max_new_tokens), "--base_dtype", "float32",
-            "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]
+            "--batch_size", str(a.batch_size), "--max_len", "256", "--max_new_tokens", str(a.max_new_tokens),
+            "--base_dtype", "float32", "--eval_batch_size", "64", "--save_every", "0", "--log_every", "10"]
 
 
 def proxy_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
@@ -263,8 +276,8 @@ def proxy_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
             Job("proxy_no_po", "train_proxy.py", args + ["--no_dpo"], f"{out}/proxy_no_po")]
 
 
-def student_job(a, w: dict, base: str, teacher: str, proxy: str | None, cache: str | None, seed: int, extra: list[str],
-                name: str, out: str, eval_data: str = "") -> Job:
+def student_job(a, w: dict, base: str, teacher: str, proxy: str | None, cache: str | None, seed: int,
+                extra: list[str], name: str, out: str, eval_data: str = "") -> Job:
     args = ["--base", base, "--tokenizer", w["tok"], "--data", teacher,
             "--eval_data", eval_data or w["heldout"],
             "--lr", str(a.student_lr), "--alpha", str(a.alpha), "--batch_size", str(a.batch_size),
@@ -276,9 +289,11 @@ def student_job(a, w: dict, base: str, teacher: str, proxy: str | None, cache: s
 
 
 def student_jobs(a, w: dict, bases: dict, out: str) -> list[Job]:
-    proxies = {"proxy": f"{out}/proxy/final", "proxy_no_po": f"{out}/proxy_no_po/final", "proxy_base": bases["proxy"]}
-    return [student_job(a, w, bases["student"], w["teacher"], proxy and proxies[proxy], proxy and f"{out}/cache_{proxy}",
-                        seed, extra, f"{variant}_seed{seed}", f"{out}/students/{variant}_seed{seed}")
+    proxies = {"proxy": f"{out}/proxy/final", "proxy_no_po": f"{out}/proxy_no_po/final",
+               "proxy_base": bases["proxy"]}
+    return [student_job(a, w, bases["student"], w["teacher"], proxy and proxies[proxy],
+                        proxy and f"{out}/cache_{proxy}", seed, extra, f"{variant}_seed{seed}",
+                        f"{out}/students/{variant}_seed{seed}")
             for seed in range(a.seeds) for variant, (_, proxy, extra) in STUDENTS.items()]
 
 
@@ -307,7 +322,8 @@ def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     for b, e in enumerate(held_out):
         enc = data.encode_example(tok, e, 256)
         d = demo_world.teacher_next_token_dists(tok, e.prompt, e.response, w.get("rich", False))
-        pos = [t - 1 for t, y in enumerate(enc["labels"]) if y != data.IGNORE_INDEX]  # logits at t-1 predict t
+        # logits at t-1 predict t
+        pos = [t - 1 for t, y in enumerate(enc["labels"]) if y != data.IGNORE_INDEX]
         assert len(pos) == len(d), "a truncated held-out reply"
         encoded.append(enc)
         rows += [b] * len(pos)
@@ -317,8 +333,8 @@ def exact_teacher(w: dict, tok: data.Tokenizer, n: int) -> dict:
     for i, d in enumerate(dists):
         probs[i, list(d)] = torch.tensor(list(d.values()), dtype=torch.float64)
     entropy, branching = demo_world.teacher_entropy(dists)
-    return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols), probs=probs,
-                entropy=entropy, branching=branching, n_positions=len(dists),
+    return dict(batch=data.collate(encoded, tok.pad_id), rows=torch.tensor(rows), cols=torch.tensor(cols),
+                probs=probs, entropy=entropy, branching=branching, n_positions=len(dists),
                 n_branching=sum(len(d) > 1 for d in dists))
 
 
@@ -331,7 +347,8 @@ def exact_metrics(model, ex: dict, device) -> dict:
     p = ex["probs"]
     kl = (torch.xlogy(p, p) - torch.where(p > 0, p * logq, torch.zeros_like(p))).sum(-1)  # 0 log 0 = 0
     best = p.max(-1, keepdim=True).values
-    agree = p.gather(-1, logq.argmax(-1, keepdim=True)) >= best * (1 - 1e-9)  # ties: any of the teacher's argmaxes
+    # ties: any of the teacher's argmaxes
+    agree = p.gather(-1, logq.argmax(-1, keepdim=True)) >= best * (1 - 1e-9)
     return dict(kl=float(kl.mean()), teacher_top1=float(agree.double().mean()))
 
 
@@ -348,15 +365,16 @@ def eval_model(path: str, w: dict, tok: data.Tokenizer, device, ex: dict) -> dic
     correct = anyform = 0
     for s in range(0, len(held_out), 250):
         chunk = held_out[s : s + 250]
-        replies = generate(model, [data.encode_prompt(tok, e.system, e.prompt) for e in chunk], 160, tok.eos_id,
-                           tok.pad_id, greedy=True)
+        replies = generate(model, [data.encode_prompt(tok, e.system, e.prompt) for e in chunk], 160,
+                           tok.eos_id, tok.pad_id, greedy=True)
         for r, e in zip(replies, chunk):
             text, truth = tok.decode(r), demo_world.reference_answer(e.prompt)
             correct += demo_world.extract_answer(text) == truth
             anyform += (demo_world.extract_answer(text) or _base_answer(text)) == truth
     n_params = sum(p.numel() for p in model.parameters())
-    return dict(exact_match=correct / len(held_out), any_form=anyform / len(held_out), top1_agreement=tf["top1_agreement"],
-                nll=tf["nll"], params=n_params, **exact_metrics(model, ex, device))
+    return dict(exact_match=correct / len(held_out), any_form=anyform / len(held_out),
+                top1_agreement=tf["top1_agreement"], nll=tf["nll"], params=n_params,
+                **exact_metrics(model, ex, device))
 
 
 def _base_answer(text: str) -> str | None:
@@ -368,7 +386,8 @@ def _base_answer(text: str) -> str | None:
 def teacher_row(w: dict) -> dict:
     """The black box itself: its held-out replies scored by the same exact-match check."""
     held_out = data.read_jsonl(w["heldout"])
-    em = np.mean([demo_world.extract_answer(e.response) == demo_world.reference_answer(e.prompt) for e in held_out])
+    em = np.mean([demo_world.extract_answer(e.response) == demo_world.reference_answer(e.prompt)
+                  for e in held_out])
     return dict(exact_match=float(em), any_form=float(em), top1_agreement=None, nll=None, params=None, kl=0.0,
                 teacher_top1=1.0)
 
@@ -389,23 +408,27 @@ def summarise(rows: dict, seeds: int, n_eval: int, n_exact: int) -> tuple[str, d
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     out = {}
     for label, runs in rows.items():
-        agg = {k: mean_std(runs, k) for k in ("exact_match", "any_form", "top1_agreement", "nll", "kl", "teacher_top1")}
+        agg = {k: mean_std(runs, k)
+               for k in ("exact_match", "any_form", "top1_agreement", "nll", "kl", "teacher_top1")}
         out[label] = dict(runs=runs, **{k: dict(mean=m, std=s) for k, (m, s) in agg.items()})
         params = runs[0]["params"]
-        lines.append(f"| {label} | {params if params else '-'} | {fmt(*agg['exact_match'])} | {fmt(*agg['any_form'])} | "
-                     f"{fmt(*agg['top1_agreement'])} | {fmt(*agg['nll'], pct=False)} | {fmt(*agg['kl'], pct=False)} | "
+        lines.append(f"| {label} | {params if params else '-'} | {fmt(*agg['exact_match'])} | "
+                     f"{fmt(*agg['any_form'])} | {fmt(*agg['top1_agreement'])} | "
+                     f"{fmt(*agg['nll'], pct=False)} | {fmt(*agg['kl'], pct=False)} | "
                      f"{fmt(*agg['teacher_top1'])} | {len(runs)} |")
     lines.append("")
-    lines.append(f"Held-out: {n_eval} prompts (exact KL and teacher's-argmax agreement: the first {n_exact}, from the "
-                 f"teacher's exact next-token distributions). Student rows: mean ± std over {seeds} seeds (LoRA init and batch "
-                 f"order; same proxy and cache). One run's exact match on {n_eval} prompts has a binomial standard "
-                 f"error of about {100 * math.sqrt(0.25 / n_eval):.1f} points at 50%.")
+    lines.append(f"Held-out: {n_eval} prompts (exact KL and teacher's-argmax agreement: the first {n_exact}, "
+                 f"from the teacher's exact next-token distributions). Student rows: mean ± std over "
+                 f"{seeds} seeds (LoRA init and batch order; same proxy and cache). One run's exact match on "
+                 f"{n_eval} prompts has a binomial standard error of about "
+                 f"{100 * math.sqrt(0.25 / n_eval):.1f} points at 50%.")
     return "\n".join(lines), out
 
 
 def mean_std(runs: list[dict], k: str) -> tuple:
     vals = [r[k] for r in runs if r.get(k) is not None]
-    return (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals else (None, None)
+    return ((float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None) if vals
+            else (None, None))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -529,13 +552,14 @@ def prepare_main(a, out: str) -> tuple:
 
 def run_main(a, out: str, device, t0: float) -> None:
     w, tok, bases = prepare_main(a, out)
-    print(f"3. proxies: warm-up + {a.rounds} rounds of NLL + DPO, and NLL only (-PO)  [{time.time() - t0:.0f} s]", flush=True)
+    print(f"3. proxies: warm-up + {a.rounds} rounds of NLL + DPO, and NLL only (-PO)  "
+          f"[{time.time() - t0:.0f} s]", flush=True)
     run_jobs(proxy_jobs(a, w, bases, out), a, "proxies")
     print(f"4. students: {len(STUDENTS)} variants x {a.seeds} seeds  [{time.time() - t0:.0f} s]", flush=True)
     run_students(student_jobs(a, w, bases, out), a, "students")
 
-    print(f"5. eval: greedy exact match and teacher-forced agreement on {a.n_eval} held-out prompts, exact teacher "
-          f"KL on {a.n_exact}  [{time.time() - t0:.0f} s]", flush=True)
+    print(f"5. eval: greedy exact match and teacher-forced agreement on {a.n_eval} held-out prompts, "
+          f"exact teacher KL on {a.n_exact}  [{time.time() - t0:.0f} s]", flush=True)
     models = {"proxy base (pretrained; the -align proxy)": [bases["proxy"]],
               "proxy after warm-up on D_w only": [f"{out}/proxy/warmup/final"],
               "proxy aligned by NLL only on D_p (-PO)": [f"{out}/proxy_no_po/final"],
@@ -543,7 +567,8 @@ def run_main(a, out: str, device, t0: float) -> None:
               "student base (pretrained)": [bases["student"]]}
     for variant, (label, _, _) in STUDENTS.items():
         models[label] = [f"{out}/students/{variant}_seed{s}/final" for s in range(a.seeds)]
-    rows = {"teacher (black box)": [teacher_row(w)], **evaluate_all(models, w, tok, device, a, f"{out}/evals.json")}
+    rows = {"teacher (black box)": [teacher_row(w)],
+            **evaluate_all(models, w, tok, device, a, f"{out}/evals.json")}
     table, summary = summarise(rows, a.seeds, a.n_eval, a.n_exact)
     minutes = (time.time() - t0) / 60
     header = (f"Proxy-KD demo ({a.n_teacher} teacher examples, k = {a.rounds} rounds, alpha = {a.alpha}, "
@@ -584,17 +609,20 @@ def run_sweep(a, out: str, device, t0: float) -> None:
     d = f"{out}/sweep"
     budgets, w, tok, teachers, bases = sweep_world(a, d)
     print(f"sweep 3. one proxy per budget  [{time.time() - t0:.0f} s]", flush=True)
-    run_jobs([Job(f"proxy_n{n}", "train_proxy.py", proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
-                                                                a.nll_reduction), f"{d}/n{n}/proxy") for n in budgets],
+    run_jobs([Job(f"proxy_n{n}", "train_proxy.py",
+                  proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta, a.nll_reduction),
+                  f"{d}/n{n}/proxy") for n in budgets],
              a, "sweep proxies")
-    print(f"sweep 4. students: black-box KD and Proxy-KD x {a.seeds} seeds per budget  [{time.time() - t0:.0f} s]", flush=True)
+    print(f"sweep 4. students: black-box KD and Proxy-KD x {a.seeds} seeds per budget  "
+          f"[{time.time() - t0:.0f} s]", flush=True)
     jobs = []
     for n in budgets:
         for s in range(a.seeds):
-            jobs.append(student_job(a, w, bases["student"], teachers[n], None, None, s, ["--alpha", "0"], f"bbkd_n{n}_seed{s}",
-                                    f"{d}/n{n}/students/bbkd_seed{s}"))
-            jobs.append(student_job(a, w, bases["student"], teachers[n], f"{d}/n{n}/proxy/final", f"{d}/n{n}/cache", s, [],
-                                    f"proxykd_n{n}_seed{s}", f"{d}/n{n}/students/proxykd_seed{s}"))
+            jobs.append(student_job(a, w, bases["student"], teachers[n], None, None, s, ["--alpha", "0"],
+                                    f"bbkd_n{n}_seed{s}", f"{d}/n{n}/students/bbkd_seed{s}"))
+            jobs.append(student_job(a, w, bases["student"], teachers[n], f"{d}/n{n}/proxy/final",
+                                    f"{d}/n{n}/cache", s, [], f"proxykd_n{n}_seed{s}",
+                                    f"{d}/n{n}/students/proxykd_seed{s}"))
     run_students(jobs, a, "sweep students")
     print(f"sweep 5. eval  [{time.time() - t0:.0f} s]", flush=True)
     models = {"proxy base": [bases["proxy"]], "student base": [bases["student"]]}
@@ -622,23 +650,26 @@ def run_sweep(a, out: str, device, t0: float) -> None:
               "|", "|---|---:|---:|---:|---:|---:|"]
     for label in ("proxy base", "student base"):
         r = rows[label][0]
-        lines.append(f"| {label} (pretrained) | {r['params']} | {fmt(r['exact_match'])} | {fmt(r['any_form'])} | "
-                     f"{fmt(r['kl'], pct=False)} | {fmt(r['teacher_top1'])} |")
-    lines += ["", "| \\|D\\| | \\|D_s\\| | proxy EM % | proxy KL | black-box KD EM % | Proxy-KD EM % | Δ EM | "
-              "black-box KD KL | Proxy-KD KL | Δ KL | black-box KD any form % | Proxy-KD any form % |",
+        lines.append(f"| {label} (pretrained) | {r['params']} | {fmt(r['exact_match'])} | "
+                     f"{fmt(r['any_form'])} | {fmt(r['kl'], pct=False)} | {fmt(r['teacher_top1'])} |")
+    lines += ["", "| \\|D\\| | \\|D_s\\| | proxy EM % | proxy KL | black-box KD EM % | "
+              "Proxy-KD EM % | Δ EM | black-box KD KL | Proxy-KD KL | Δ KL | black-box KD any form % | "
+              "Proxy-KD any form % |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in budgets:
         n_s = len(data.split_indices(n, 0)["student"])
-        lines.append(f"| {n} | {n_s} | {cell(f'proxy n{n}', 'exact_match')} | {cell(f'proxy n{n}', 'kl', False)} | "
-                     f"{cell(f'bbkd n{n}', 'exact_match')} | {cell(f'proxykd n{n}', 'exact_match')} | {diff('exact_match', n)} | "
-                     f"{cell(f'bbkd n{n}', 'kl', False)} | {cell(f'proxykd n{n}', 'kl', False)} | {diff('kl', n, False)} | "
-                     f"{cell(f'bbkd n{n}', 'any_form')} | {cell(f'proxykd n{n}', 'any_form')} |")
+        lines.append(f"| {n} | {n_s} | {cell(f'proxy n{n}', 'exact_match')} | "
+                     f"{cell(f'proxy n{n}', 'kl', False)} | {cell(f'bbkd n{n}', 'exact_match')} | "
+                     f"{cell(f'proxykd n{n}', 'exact_match')} | {diff('exact_match', n)} | "
+                     f"{cell(f'bbkd n{n}', 'kl', False)} | {cell(f'proxykd n{n}', 'kl', False)} | "
+                     f"{diff('kl', n, False)} | {cell(f'bbkd n{n}', 'any_form')} | "
+                     f"{cell(f'proxykd n{n}', 'any_form')} |")
     test = paired_footer("Proxy-KD minus black-box KD", a.seeds, comps, "exact match and exact KL per budget")
     lines += ["", f"Held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Students: mean ± std "
               f"over {a.seeds} seeds. {test} {exact_kl_footer(a.n_exact)}"]
     minutes = (time.time() - t0) / 60
-    header = (f"Proxy-KD demo --sweep ({SWEEP_RANGES}, k = {a.rounds}, alpha = {a.alpha}, {a.threads} CPU threads, "
-              f"{minutes:.1f} min)\n")
+    header = (f"Proxy-KD demo --sweep ({SWEEP_RANGES}, k = {a.rounds}, alpha = {a.alpha}, "
+              f"{a.threads} CPU threads, {minutes:.1f} min)\n")
     teacher = {k: ex[k] for k in ("entropy", "branching", "n_branching", "n_positions")}
     comparisons = [dict(budget=n, metric=k, star=(n, k) in stars, **d) for (n, k), d in comps.items()]
     write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes,
@@ -668,15 +699,20 @@ def run_dpo_sweep(a, out: str, device, t0: float) -> None:
     dirs, jobs = {}, []
     for i, (name, (red, beta, lr, no_dpo)) in enumerate(DPO_CONFIGS.items()):
         args = proxy_args(a, w, bases["proxy"], teachers[n], lr, beta, red) + ["--no_dpo"] * no_dpo
-        dirs[name] = f"{out}/sweep/n{n}/proxy" if args == proxy_args(a, w, bases["proxy"], teachers[n], a.proxy_lr, a.beta,
-                                                                      a.nll_reduction) else f"{d}/c{i}"
+        dirs[name] = (f"{out}/sweep/n{n}/proxy" if args == proxy_args(a, w, bases["proxy"], teachers[n],
+                                                                       a.proxy_lr, a.beta, a.nll_reduction)
+                      else f"{d}/c{i}")
         jobs.append(Job(f"dpo_c{i}", "train_proxy.py", args, dirs[name]))
     print(f"dpo sweep 3. {len(jobs)} proxies on |D| = {n}  [{time.time() - t0:.0f} s]", flush=True)
-    run_jobs(sorted(jobs, key=lambda j: not j.out.startswith(d)), a, "dpo proxies")  # --sweep's own proxy last
-    students = {name: [f"{d}/students_c{i}_seed{s}" for s in range(DPO_SEEDS)] for i, name in enumerate(DPO_CONFIGS)}
+    # --sweep's own proxy last
+    run_jobs(sorted(jobs, key=lambda j: not j.out.startswith(d)), a, "dpo proxies")
+    students = {name: [f"{d}/students_c{i}_seed{s}" for s in range(DPO_SEEDS)]
+                for i, name in enumerate(DPO_CONFIGS)}
     jobs = [student_job(a, w, bases["student"], teachers[n], f"{dirs[name]}/final", f"{d}/cache_c{i}", s, [],
-                        os.path.basename(sd), sd) for i, name in enumerate(DPO_CONFIGS) for s, sd in enumerate(students[name])]
-    print(f"dpo sweep 4. Proxy-KD students, {DPO_SEEDS} seeds per proxy  [{time.time() - t0:.0f} s]", flush=True)
+                        os.path.basename(sd), sd)
+            for i, name in enumerate(DPO_CONFIGS) for s, sd in enumerate(students[name])]
+    print(f"dpo sweep 4. Proxy-KD students, {DPO_SEEDS} seeds per proxy  [{time.time() - t0:.0f} s]",
+          flush=True)
     run_students(jobs, a, "dpo students")
     warmups = {"proxy after warm-up only, lr 2e-3": f"{dirs[list(DPO_CONFIGS)[0]]}/warmup/final",
                "proxy after warm-up only, lr 5e-4": f"{dirs[list(DPO_CONFIGS)[4]]}/warmup/final"}
@@ -685,18 +721,22 @@ def run_dpo_sweep(a, out: str, device, t0: float) -> None:
         models[f"proxy: {name}"] = [f"{p}/final"]
         models[f"student: {name}"] = [f"{sd}/final" for sd in students[name]]
     rows = evaluate_all(models, w, tok, device, a, f"{d}/evals.json")
-    lines = ["| Eq. 6 setting | proxy EM % | proxy exact KL | proxy top-1 = teacher's argmax % | proxy held-out NLL | "
-             f"Proxy-KD student EM % ({DPO_SEEDS} seeds) | student exact KL |",
+    lines = ["| Eq. 6 setting | proxy EM % | proxy exact KL | proxy top-1 = teacher's argmax % | "
+             f"proxy held-out NLL | Proxy-KD student EM % ({DPO_SEEDS} seeds) | student exact KL |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ["proxy base", *warmups, *DPO_CONFIGS]:
         p, s = rows.get(f"proxy: {name}", rows.get(name)), rows.get(f"student: {name}", [])
-        lines.append(f"| {name} | {fmt(*mean_std(p, 'exact_match'))} | {fmt(*mean_std(p, 'kl'), pct=False)} | "
+        lines.append(f"| {name} | {fmt(*mean_std(p, 'exact_match'))} | "
+                     f"{fmt(*mean_std(p, 'kl'), pct=False)} | "
                      f"{fmt(*mean_std(p, 'teacher_top1'))} | {fmt(*mean_std(p, 'nll'), pct=False)} | "
                      f"{fmt(*mean_std(s, 'exact_match'))} | {fmt(*mean_std(s, 'kl'), pct=False)} |")
-    lines += ["", f"|D| = {n} (D_w {len(data.split_indices(n, 0)['warmup'])}, D_p {len(data.split_indices(n, 0)['proxy'])}); "
-              f"held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). Student: mean ± std over {DPO_SEEDS} seeds."]
+    lines += ["", f"|D| = {n} (D_w {len(data.split_indices(n, 0)['warmup'])}, "
+              f"D_p {len(data.split_indices(n, 0)['proxy'])}); "
+              f"held-out: {a.n_eval} prompts (exact KL: the first {a.n_exact}). "
+              f"Student: mean ± std over {DPO_SEEDS} seeds."]
     minutes = (time.time() - t0) / 60
-    header = f"Proxy-KD demo --dpo_sweep ({SWEEP_RANGES}, |D| = {n}, k = {a.rounds}, {a.threads} CPU threads, {minutes:.1f} min)\n"
+    header = (f"Proxy-KD demo --dpo_sweep ({SWEEP_RANGES}, |D| = {n}, k = {a.rounds}, "
+              f"{a.threads} CPU threads, {minutes:.1f} min)\n")
     write_results(d, "results", header, "\n".join(lines), {"args": vars(a), "minutes": minutes, "rows": rows})
 
 
@@ -973,8 +1013,8 @@ def write_regime(a, out: str, worlds: dict, sizes: list[int], n_s: int, rows: di
         f"judged at that interval; the remedy chosen, rather than an lr grid on the validation set, is to "
         f"evaluate more often: such a cell was trained again, every arm alike, evaluating after every step "
         f"(evaluation does not change training). Cells so trained: "
-        f"{', '.join(cell_name(c) for c in refined) or 'none'}. † a run kept its first or second evaluation "
-        f"even then: {unjudged_text or 'none'}.",
+        f"{', '.join(cell_name(c) for c in refined) or 'none'}. † a run kept its first or second "
+        f"evaluation even then: {unjudged_text or 'none'}.",
         "The last-step table gives Δ ± se only: it is not tested and not in the count."]
     if weighed:
         notes.append(

@@ -43,7 +43,8 @@ if ROOT not in sys.path:
 
 from data import Tokenizer, atomic_write, format_prompt, read_jsonl  # noqa: E402
 
-_NAMES = {"Mia": "she", "Ava": "she", "Zoe": "she", "Eva": "she", "Leo": "he", "Tom": "he", "Max": "he", "Ben": "he"}
+_NAMES = {"Mia": "she", "Ava": "she", "Zoe": "she", "Eva": "she",
+          "Leo": "he", "Tom": "he", "Max": "he", "Ben": "he"}
 _ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pens", "cards", "shells")
 # verb (3rd person) -> (gerund, sign)
 _VERBS = {"finds": ("finding", +1), "buys": ("buying", +1), "gets": ("getting", +1),
@@ -51,7 +52,8 @@ _VERBS = {"finds": ("finding", +1), "buys": ("buying", +1), "gets": ("getting", 
 _GAIN = [v for v, (_, s) in _VERBS.items() if s > 0]
 _LOSE = [v for v, (_, s) in _VERBS.items() if s < 0]
 
-_PROMPT_RE = re.compile(r"([A-Z][a-z]+) has (\d+) ([a-z]+)\. (.*) How many ([a-z]+) does ([A-Z][a-z]+) have\?")
+_PROMPT_RE = re.compile(r"([A-Z][a-z]+) has (\d+) ([a-z]+)\. (.*) "
+                        r"How many ([a-z]+) does ([A-Z][a-z]+) have\?")
 _STEP_RE = re.compile(r"(?:Then )?(?:[Ss]he|[Hh]e) (" + "|".join(_VERBS) + r") (\d+)(?: more)?\.")
 _ANSWER_RE = re.compile(r"(?:The answer is|Answer:|####|In the end, [A-Z][a-z]+ has) (-?\d+)")
 
@@ -105,7 +107,8 @@ def _teacher_choices(prompt: str) -> list[list[str]]:
     name, item, count, steps = _parse_prompt(prompt)
     pron = _NAMES[name]
     P = pron.capitalize()
-    out = [[f"{name} starts with {count} {item}.", f"At first, {name} has {count} {item}.", f"{name} begins with {count}."]]
+    out = [[f"{name} starts with {count} {item}.", f"At first, {name} has {count} {item}.",
+            f"{name} begins with {count}."]]
     for verb, k in steps:
         gerund, sign = _VERBS[verb]
         op, new = ("+", count + k) if sign > 0 else ("-", count - k)
@@ -114,7 +117,8 @@ def _teacher_choices(prompt: str) -> list[list[str]]:
                     f"After {gerund} {k}{more}: {count} {op} {k} = {new}.",
                     f"{count} {op} {k} = {new}, as {pron} {verb} {k}."])
         count = new
-    out.append([f"The answer is {count}.", f"Answer: {count}", f"#### {count}", f"In the end, {name} has {count}."])
+    out.append([f"The answer is {count}.", f"Answer: {count}", f"#### {count}",
+                f"In the end, {name} has {count}."])
     return out
 
 
@@ -130,9 +134,10 @@ def _rich_choices(prompt: str) -> tuple[tuple[str, ...], ...]:
     name, item, count, steps = _parse_prompt(prompt)
     pron = _NAMES[name]
     P = pron.capitalize()
-    out = [[f"{first}, {name} {has} {count} {item}." for first in ("At first", "In the beginning", "To start", "Initially")
-            for has in ("has", "holds", "owns")] + [f"{name} {v} with {count}{rest}." for v in ("starts", "begins")
-                                                    for rest in ("", f" {item}")]]
+    out = [[f"{first}, {name} {has} {count} {item}."
+            for first in ("At first", "In the beginning", "To start", "Initially")
+            for has in ("has", "holds", "owns")]
+           + [f"{name} {v} with {count}{rest}." for v in ("starts", "begins") for rest in ("", f" {item}")]]
     for s, (verb, k) in enumerate(steps):
         gerund, sign = _VERBS[verb]
         new = count + sign * k
@@ -142,17 +147,19 @@ def _rich_choices(prompt: str) -> tuple[tuple[str, ...], ...]:
             for eq in ("=", "is", "makes"):
                 for unit in ("", f" {item}"):
                     calc = f"{count} {op} {k} {eq} {new}{unit}"
-                    forms += [f"{P} {verb} {k}, {so} {pron} {has} {calc}." for so in ("so", "which means", "and now", "so that")
+                    forms += [f"{P} {verb} {k}, {so} {pron} {has} {calc}."
+                              for so in ("so", "which means", "and now", "so that")
                               for has in ("has", "holds")]
                     forms += [f"{after} {gerund} {k}{more}: {calc}." for after in ("After", "Upon", "On")]
                     forms += [f"{calc}, {why} {pron} {verb} {k}." for why in ("as", "because", "since")]
                     forms.append(f"{calc}.")
-        forms += [f"{P} {verb} {k}{more}. {now} {pron} {has} {new}." for now in ("Now", "So") for has in ("has", "holds")]
+        forms += [f"{P} {verb} {k}{more}. {now} {pron} {has} {new}."
+                  for now in ("Now", "So") for has in ("has", "holds")]
         out.append(forms if s == 0 else [_lead(c, f) for c in _CONNECTIVES for f in forms])
         count = new
-    out.append([f"The answer is {count}.", f"The answer is {count} {item}.", f"Answer: {count}", f"Answer: {count} {item}",
-                f"#### {count}", f"In the end, {name} has {count}.", f"In the end, {name} has {count} {item}.",
-                f"{P} has {count} now. The answer is {count}."])
+    out.append([f"The answer is {count}.", f"The answer is {count} {item}.", f"Answer: {count}",
+                f"Answer: {count} {item}", f"#### {count}", f"In the end, {name} has {count}.",
+                f"In the end, {name} has {count} {item}.", f"{P} has {count} now. The answer is {count}."])
     return tuple(tuple(options) for options in out)
 
 
@@ -215,7 +222,8 @@ def demo_teacher_replies(prompt: str) -> dict[str, float]:
     return out
 
 
-def teacher_next_token_dists(tok: Tokenizer, prompt: str, response: str, rich: bool = False) -> list[dict[int, float]]:
+def teacher_next_token_dists(tok: Tokenizer, prompt: str, response: str,
+                             rich: bool = False) -> list[dict[int, float]]:
     """The demo teacher's exact next-token distributions along one of its replies, tokenised as the
     models see it (tok.encode(response, eos=True), encode_example's response part): entry t maps each
     token v to P(token t = v | the reply's tokens before t).

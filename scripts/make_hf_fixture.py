@@ -1,5 +1,5 @@
-"""Build testdata/hf_tiny/: a tiny random transformers LlamaForCausalLM and the fp32 logits transformers itself
-computes for it, so test_model.py / test_lora.py check parity with HF without transformers installed.
+"""Build testdata/hf_tiny/: a tiny random transformers LlamaForCausalLM and the fp32 logits transformers
+itself computes for it, so test_model.py / test_lora.py check parity with HF without transformers installed.
 
 Needs transformers and peft, which are NOT project requirements; use a scratch venv that reuses the
 system torch:
@@ -110,7 +110,8 @@ def main():
     tmp = tempfile.mkdtemp()
     for tied in (False, True):
         torch.manual_seed(1)
-        args = ModelArgs(**{**ModelArgs.from_name("tiny").__dict__, "rope_theta": 321.0, "tie_word_embeddings": tied})
+        args = ModelArgs(**{**ModelArgs.from_name("tiny").__dict__, "rope_theta": 321.0,
+                            "tie_word_embeddings": tied})
         m = Llama(args).eval()
         m.save_pretrained(os.path.join(tmp, f"ours{tied}"))
         back = LlamaForCausalLM.from_pretrained(os.path.join(tmp, f"ours{tied}"), dtype=torch.float32).eval()
@@ -121,7 +122,8 @@ def main():
     lora.apply_lora(m, r=2, alpha=3.0)
     for mod in lora.lora_modules(m).values():
         torch.nn.init.normal_(mod.lora_B, std=0.5)
-    lora.save_adapter(os.path.join(tmp, "adapter"), lora.lora_state_dict(m), dict(r=2, alpha=3.0, base="tiny"))
+    lora.save_adapter(os.path.join(tmp, "adapter"), lora.lora_state_dict(m),
+                      dict(r=2, alpha=3.0, base="tiny"))
     with_adapter = PeftModel.from_pretrained(back, os.path.join(tmp, "adapter")).eval()
     print("our adapter -> peft: max |logits diff|",
           (hf_logits(with_adapter, ids) - our_logits(m, ids)).abs().max().item())
