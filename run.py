@@ -186,6 +186,22 @@ class Run:
         ranks.fail(self.rank, f"non-finite loss at step {self.step}{where}; no update applied; the last good "
                               f"checkpoint is {last}: resume from it with a lower --lr", 3)
 
+    def end_step(self, sums: torch.Tensor, n_losses: int, tokens: float, values):
+        """Collective: the end of an optimizer step. `sums` (fp64 on the device) holds this rank's sums
+        over its micro-batches, the step's `n_losses` losses first, its last slot left for `tokens`, the
+        tokens it forwarded. Summed over ranks, the losses divided by the world size (each rank scaled its
+        own up by it, since FSDP2 averages gradients over ranks), and read back in the step's one wait for
+        the device -> values(*sums). The optimizer steps only when values.finite, the same on every rank
+        (the caller stops the run otherwise); the gradients are cleared either way."""
+        sums[-1].fill_(tokens)  # a host count: a fill, not a copy to the device
+        dist.all_reduce(sums)
+        sums[:n_losses] /= self.world
+        out = values(*sums.tolist())
+        if out.finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
     def checkpoint_due(self, end: bool) -> bool:
         """A checkpoint at a stage's end, every --save_every steps, and where --stop_after_steps stops."""
         cfg = self.cfg

@@ -329,14 +329,7 @@ def train_step(run: Run, batches: list[dict]) -> ProxyStep:
             nll, pref = loss.detach(), torch.zeros((), device=device)
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, pref]).double()
-    sums[7].fill_(sum(b["n_fwd"] for b in batches))  # a host count: a fill, not a copy to the device
-    dist.all_reduce(sums)
-    sums[:3] /= run.world  # each rank's losses were scaled up by world (see above)
-    out = ProxyStep(*sums.tolist())  # the step's one wait for the device
-    if out.finite:  # on every rank alike: the sums are all-reduced
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return out
+    return run.end_step(sums, 3, sum(b["n_fwd"] for b in batches), ProxyStep)  # all ranks; optimizer step
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -328,14 +328,7 @@ def student_step(run: Run, batches: list[dict], cache: topk_cache.ProxyCache | N
             loss, nll, wkl = out.loss, out.nll, out.wkl
         loss.backward()
         sums[:3] += torch.stack([loss.detach(), nll, wkl]).double()
-    sums[3].fill_(sum(b["n_fwd"] for b in batches))  # a host count: a fill, not a copy to the device
-    dist.all_reduce(sums)
-    sums[:3] /= run.world  # each rank's losses were scaled up by world (see above)
-    out = StudentStep(*sums.tolist())  # the step's one wait for the device
-    if out.finite:  # on every rank alike: the sums are all-reduced
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return out
+    return run.end_step(sums, 3, sum(b["n_fwd"] for b in batches), StudentStep)  # all ranks; optimizer step
 
 
 # ---------------------------------------------------------------------------------------------------
