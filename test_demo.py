@@ -292,7 +292,7 @@ def test_demo_tokenizer_deterministic(demo, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# scripts/demo.py's exact metrics
+# scripts/demo_eval.py's exact metrics
 
 
 def load_script(name: str):
@@ -312,18 +312,18 @@ def load_script(name: str):
 
 
 def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
-    """demo.exact_metrics (one gather over a dense teacher matrix) against a loop over each position's
+    """demo_eval.exact_metrics (one gather over a dense teacher matrix) against a loop over each position's
     teacher distribution, on a random model whose argmax sometimes hits the teacher's."""
     import torch
     from model import Llama, ModelArgs
-    demo = load_script("demo")
+    demo_eval = load_script("demo_eval")
     heldout = demo_world.write_demo_jsonl(str(tmp_path / "heldout.jsonl"), 5, seed=9)
-    ex = demo.exact_teacher({"heldout": heldout}, tok, 5)
+    ex = demo_eval.exact_teacher({"heldout": heldout}, tok, 5)
     torch.manual_seed(0)
     model = Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
                             vocab_size=tok.vocab_size)).eval()
     with torch.no_grad():
-        got = demo.exact_metrics(model, ex, "cpu")
+        got = demo_eval.exact_metrics(model, ex, "cpu")
         kl, agree, n = 0.0, 0, 0
         for e in data.read_jsonl(heldout):
             enc = data.encode_example(tok, e, 256)
@@ -340,17 +340,18 @@ def test_demo_exact_kl_equals_a_plain_loop(tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
-# scripts/demo.py's validation set, paired statistics and --regime bookkeeping
+# the demo's validation set (demo_pipeline.py), paired statistics (demo_stats.py) and --regime bookkeeping
+# (demo_regime.py)
 
 
 def test_validation_set_shares_no_prompt_with_d_s_or_the_held_out_set(tmp_path):
     """make_world's validation.jsonl, in a world whose problems are few enough that the validation seed's
     own draw repeats teacher and held-out prompts: none of those survive, and the set is still full,
     of distinct prompts, the teacher's replies, and the same when written again."""
-    demo = load_script("demo")
+    demo, pipeline = load_script("demo"), load_script("demo_pipeline")
     ranges = dict(steps=(1, 1), start=(2, 4), k=(1, 3))
     a = demo.parse_args(["--n_teacher", "300", "--n_eval", "100", "--n_val", "100", "--n_pretrain", "60"])
-    w = demo.make_world(a, str(tmp_path / "world"), ranges)
+    w = pipeline.make_world(a, str(tmp_path / "world"), ranges)
     teacher, heldout, val = (data.read_jsonl(w[k]) for k in ("teacher", "heldout", "validation"))
     d_s = {teacher[i].prompt for i in data.split_indices(len(teacher), 0)["student"]}
     test = {e.prompt for e in heldout}
@@ -380,25 +381,25 @@ def t_density_integral(t: float, df: int, n: int = 20_001) -> float:
 
 
 def test_t_test_p_value_equals_integrated_density():
-    demo = load_script("demo")
+    stats = load_script("demo_stats")
     for df in range(1, 13):
         for t in (0.0, 0.3, -1.0, 2.0, 2.776, -4.5, 9.0):
-            assert demo.t_two_sided_p(t, df) == pytest.approx(t_density_integral(t, df), abs=1e-9), (t, df)
-    assert demo.t_two_sided_p(math.inf, 3) == 0.0
+            assert stats.t_two_sided_p(t, df) == pytest.approx(t_density_integral(t, df), abs=1e-9), (t, df)
+    assert stats.t_two_sided_p(math.inf, 3) == 0.0
     with pytest.raises(ValueError):
-        demo.t_two_sided_p(1.0, 2.5)
+        stats.t_two_sided_p(1.0, 2.5)
 
 
 def test_paired_differences_against_a_plain_loop():
-    """mean, se, t, df and p of demo.paired against the textbook formulas written out, over seeds whose
-    values differ across the two arms by a seed effect both share (which pairing removes)."""
-    demo = load_script("demo")
+    """mean, se, t, df and p of demo_stats.paired against the textbook formulas written out, over seeds
+    whose values differ across the two arms by a seed effect both share (which pairing removes)."""
+    stats = load_script("demo_stats")
     rng = np.random.default_rng(0)
     for n in (2, 3, 5, 8):
         seed_effect = rng.normal(size=n)
         runs = [{"kl": float(s + 0.3 + 0.1 * rng.normal())} for s in seed_effect]
         ref = [{"kl": float(s + 0.1 * rng.normal())} for s in seed_effect]
-        got = demo.paired(runs, ref, "kl")
+        got = stats.paired(runs, ref, "kl")
         d = [r["kl"] - q["kl"] for r, q in zip(runs, ref)]
         mean = sum(d) / n
         se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
@@ -406,17 +407,17 @@ def test_paired_differences_against_a_plain_loop():
         assert got["mean"] == pytest.approx(mean, rel=1e-12) and got["se"] == pytest.approx(se, rel=1e-12)
         assert got["t"] == pytest.approx(mean / se, rel=1e-12)
         assert got["p"] == pytest.approx(t_density_integral(mean / se, n - 1), abs=1e-9)
-    one = demo.paired([{"kl": 1.0}], [{"kl": 0.5}], "kl")
+    one = stats.paired([{"kl": 1.0}], [{"kl": 0.5}], "kl")
     assert one["mean"] == 0.5 and one["se"] is one["t"] is one["p"] is None, "one seed: no se, no test"
-    assert demo.fmt_paired(one, pct=False) == "0.500"
-    same = demo.paired([{"kl": 1.0}, {"kl": 2.0}], [{"kl": 0.5}, {"kl": 1.5}], "kl")
+    assert stats.fmt_paired(one, pct=False) == "0.500"
+    same = stats.paired([{"kl": 1.0}, {"kl": 2.0}], [{"kl": 0.5}, {"kl": 1.5}], "kl")
     assert same["se"] == 0 and same["t"] == math.inf and same["p"] == 0.0
 
 
 def test_holm_against_adjusted_p_values():
-    """demo.holm rejects exactly the hypotheses whose Holm-adjusted p-value, max over the j-th smallest
-    p up to this one of min(1, (m - j) p_j), is at most the level."""
-    demo = load_script("demo")
+    """demo_stats.holm rejects exactly the hypotheses whose Holm-adjusted p-value, max over the j-th
+    smallest p up to this one of min(1, (m - j) p_j), is at most the level."""
+    stats = load_script("demo_stats")
     rng = np.random.default_rng(1)
     for trial in range(200):
         m = int(rng.integers(1, 12))
@@ -427,30 +428,30 @@ def test_holm_against_adjusted_p_values():
         for j, (p, k) in enumerate(ranked):
             running = max(running, min(1.0, (m - j) * p))
             adjusted[k] = running
-        assert demo.holm(ps, 0.05) == {k for k, v in adjusted.items() if v <= 0.05}, (trial, ps)
+        assert stats.holm(ps, 0.05) == {k for k, v in adjusted.items() if v <= 0.05}, (trial, ps)
 
 
 def test_regime_schedule_counts_train_students_steps():
-    """demo.regime_schedule's epochs and steps per epoch give the optimizer steps train_student.py takes
-    (data.plan_steps over the first N examples), and its first evaluation interval falls at least
+    """demo_regime.regime_schedule's epochs and steps per epoch give the optimizer steps train_student.py
+    takes (data.plan_steps over the first N examples), and its first evaluation interval falls at least
     once per epoch and at least about REGIME_MIN_EVALS times per run."""
-    demo = load_script("demo")
+    demo, regime = load_script("demo"), load_script("demo_regime")
     for n_teacher, batch, nproc in ((3000, 16, 1), (600, 16, 1), (3000, 8, 2)):
         a = demo.parse_args(["--n_teacher", str(n_teacher), "--batch_size", str(batch),
                              "--nproc", str(nproc)])
         d_s = data.split_indices(n_teacher, 0)["student"]
         for n in [n for n in (1, 40, 150, 450) if n < len(d_s)] + [len(d_s)]:
-            epochs, per_epoch, every = demo.regime_schedule(a, n, len(d_s))
+            epochs, per_epoch, every = regime.regime_schedule(a, n, len(d_s))
             cfg = type("Cfg", (), {"batch_size": batch, "grad_accum": 1, "seed": 0})
             steps = len(data.plan_steps(d_s[:n], cfg, 0, nproc, range(epochs)))
             assert steps == epochs * per_epoch and abs(epochs * n - len(d_s)) <= n / 2
-            assert 1 <= every <= per_epoch and (every == 1 or steps // every >= demo.REGIME_MIN_EVALS)
+            assert 1 <= every <= per_epoch and (every == 1 or steps // every >= regime.REGIME_MIN_EVALS)
 
 
 def test_kept_evaluation_read_from_metrics(tmp_path):
-    """demo.kept_eval / kept_too_early / kept_model / weights_mean on the metrics.jsonl lines a --keep_best
-    student writes: the kept step is flagged exactly when it is the first or second evaluation."""
-    demo = load_script("demo")
+    """demo_regime.kept_eval / kept_too_early / kept_model / weights_mean on the metrics.jsonl lines a
+    --keep_best student writes: the kept step is flagged exactly when it is the first or second evaluation."""
+    regime = load_script("demo_regime")
     for best in (0, 3, 6, 9, 12):
         run = tmp_path / f"best{best}"
         run.mkdir()
@@ -459,21 +460,21 @@ def test_kept_evaluation_read_from_metrics(tmp_path):
         lines += [{"step": 12, "eval_nll": 1.0 - 0.1 * (best == 12)}, {"step": 12, "best_step": best,
                                                                           "best_eval_nll": 0.9}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        kept = demo.kept_eval(str(run))
+        kept = regime.kept_eval(str(run))
         assert kept == dict(best_step=best, best_eval_nll=0.9, last_step=12, eval_steps=[0, 3, 6, 9, 12])
-        assert demo.kept_too_early(kept) == (best in (0, 3))
-        assert demo.kept_model(str(run)) == f"{run}/" + ("final" if best == 12 else "best/final")
-        assert demo.weights_mean(str(run)) == 0.47
+        assert regime.kept_too_early(kept) == (best in (0, 3))
+        assert regime.kept_model(str(run)) == f"{run}/" + ("final" if best == 12 else "best/final")
+        assert regime.weights_mean(str(run)) == 0.47
 
 
 def test_regime_tables_star_exactly_holms_rejections(tmp_path, monkeypatch):
-    """demo.write_regime on synthetic per-seed metrics (2 teachers x 2 sizes x 5 seeds, the -weights arms in
-    one cell, one run keeping its first evaluation): the comparisons it counts are every Δ of the
+    """demo_regime.write_regime on synthetic per-seed metrics (2 teachers x 2 sizes x 5 seeds, the -weights
+    arms in one cell, one run keeping its first evaluation): the comparisons it counts are every Δ of the
     early-stopped and -weights tables, each Δ is the per-seed mean difference of its rows, it stars what
     Holm-Bonferroni (written out as adjusted p-values) rejects, and it marks the cell it cannot judge."""
-    demo = load_script("demo")
+    demo, regime = load_script("demo"), load_script("demo_regime")
     teacher = dict(entropy=0.1, branching=0.1, n_branching=5, n_positions=50)
-    monkeypatch.setattr(demo, "exact_teacher", lambda w, tok, n: teacher)
+    monkeypatch.setattr(regime, "exact_teacher", lambda w, tok, n: teacher)
     a = demo.parse_args(["--out", str(tmp_path), "--n_teacher", "600", "--regime_seeds", "5"])
     rng = np.random.default_rng(3)
     sizes, seeds, n_s = [40, 270], 5, 270
@@ -503,7 +504,7 @@ def test_regime_tables_star_exactly_holms_rejections(tmp_path, monkeypatch):
                         rows[name].setdefault(f"{arm} n{n} {which}", []).append(
                             {"kl": kl, "nll": kl + 0.1, "exact_match": 0.5 - kl, "best_step": best})
                 jobs[name, n][arm] = runs
-    demo.write_regime(a, str(tmp_path), worlds, sizes, n_s, rows, jobs, every, [], 0.0)
+    regime.write_regime(a, str(tmp_path), worlds, sizes, n_s, rows, jobs, every, [], 0.0)
     res = json.load(open(tmp_path / "regime" / "results.json"))
     md = open(tmp_path / "regime" / "results.md").read()
     comps = res["comparisons"]
@@ -511,7 +512,7 @@ def test_regime_tables_star_exactly_holms_rejections(tmp_path, monkeypatch):
     assert f"over the table's {len(comps)} comparisons" in md
     ps = {}
     for c in comps:
-        ref = demo.REGIME_REFERENCE[c["arm"]]
+        ref = regime.REGIME_REFERENCE[c["arm"]]
         runs, refs = (rows[c["teacher"]][f"{arm} n{c['size']} kept"] for arm in (c["arm"], ref))
         d = [x[c["metric"]] - y[c["metric"]] for x, y in zip(runs, refs)]
         assert c["mean"] == pytest.approx(sum(d) / seeds, abs=1e-12) and c["df"] == seeds - 1

@@ -25,7 +25,8 @@ input-gradient half of the backward; the frozen base needs no weight gradients):
 every position, the output head only at the scored (response) positions, where the fused heads run it;
 plus attention's scores and values, 3 x 4 * H * hd per layer per (query, key) pair the causal mask allows
 (about T^2 / 2 per sequence). Decode: 2 FLOPs per weight (block linears and head) per new token.
-Writes a markdown table to stdout and --out (JSON with the same numbers next to it).
+Writes a markdown table to stdout and --out (JSON with the same numbers next to it). The configs, the model,
+the batches and the timer are in bench_workload.py, shared with --compare_hf (compare_hf.py).
 
     python scripts/benchmark.py --compare_hf --configs mid     # ours vs transformers + peft, same process
 
@@ -57,7 +58,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -66,29 +66,19 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# bench_workload and compare_hf, also when this file is loaded by path (the tests)
+if os.path.join(ROOT, "scripts") not in sys.path:
+    sys.path.append(os.path.join(ROOT, "scripts"))
 
 import torch  # noqa: E402
 
-import lora  # noqa: E402
 import ranks  # noqa: E402
-import sharding  # noqa: E402
 import tensor_parallel  # noqa: E402
-import topk_cache  # noqa: E402
 import train_proxy as tp  # noqa: E402
 import train_student as ts  # noqa: E402
-from model import Llama, ModelArgs, gathered, generate  # noqa: E402
+from bench_workload import CONFIGS, RandomCache, batch, lora_model, sync, timed  # noqa: E402
+from model import ModelArgs, gathered, generate  # noqa: E402
 from run import Run  # noqa: E402
-
-CONFIGS = {
-    # the demo's proxy shape (scripts/demo.py)
-    "tiny": dict(args=dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=320,
-                           max_seq_len=1024),
-                 cpu=dict(B=16, T=128, prompt=32, new=64), cuda=dict(B=64, T=128, prompt=32, new=64)),
-    # ~155M parameters, a Llama-2 vocabulary and GQA: big enough that matmuls dominate
-    "mid": dict(args=dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816, vocab_size=32000,
-                          max_seq_len=1024),
-                cpu=dict(B=2, T=512, prompt=128, new=32), cuda=dict(B=8, T=1024, prompt=256, new=128)),
-}
 
 
 def parse_args(argv=None):
@@ -139,12 +129,6 @@ class Peak:
             return None
 
 
-def minor_faults() -> int:
-    """Minor page faults of this process so far: on the CPU, each is a fresh page the kernel mapped and
-    zeroed for an allocation (what --compare_hf's docstring is about)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def matmul_params(args: ModelArgs) -> int:
     """The parameters a token multiplies through: every block linear and the output head. The embedding
     is a lookup (no FLOPs), so MFU leaves it out unless it is tied to the head (then counted once, as
@@ -172,56 +156,6 @@ def peak_tflops(gpu_name: str) -> float:
     if "H100" in name or "H200" in name:
         return 756.0 if "PCIE" in name else 835.0 if "NVL" in name else 989.0
     return 312.0 if "A100" in name else 0.0
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, steps: int, device, warmup: bool = True) -> float:
-    """Seconds per call of fn, after one untimed warm-up call (unless warmup=False)."""
-    if warmup:
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
-
-
-def lora_model(args: ModelArgs, dtype, device, base: Llama | None = None):
-    torch.manual_seed(0)
-    model = Llama(args).to(dtype) if base is None else base
-    lora.apply_lora(model, r=8, alpha=16)
-    model.lora_config = dict(r=8, alpha=16, dropout=0.0, base="benchmark")
-    model = sharding.shard_model(model)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    return model, opt
-
-
-def batch(B: int, T: int, prompt: int, vocab: int, device, n: int | None = None) -> dict:
-    """data.make_batch's fields for B random sequences of T tokens, the first `prompt` masked; n: the
-    rows whose response tokens the step's divisor counts (the chosen half of a stage-2 batch)."""
-    ids = torch.randint(4, vocab, (B, T))
-    labels = ids.clone()
-    labels[:, :prompt] = -100
-    n = B if n is None else n
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "labels_cpu": labels, "n": n,
-            "n_tokens": n * (T - prompt), "n_rows": B * (T - prompt), "n_fwd": float(B * T),
-            "ids": list(range(n))}
-
-
-class RandomCache:
-    """train_student's ProxyCache interface over random top-10 rows, in memory."""
-
-    def __init__(self, n_tokens: int, vocab: int, k: int = 10):
-        self.ids = torch.randint(0, vocab, (n_tokens, k), dtype=torch.int32)
-        self.lps = torch.log_softmax(torch.randn(n_tokens, k + 1), -1)[:, :k].half()
-
-    def rows(self, ids):
-        return [(self.ids, self.lps) for _ in ids]
 
 
 def bench_config(name: str, dtype: torch.dtype, device, a) -> dict:
@@ -333,123 +267,6 @@ def prepass_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-# ---- --compare_hf: the same steps with transformers + peft ----
-
-
-def hf_lora_model(base: Llama, dtype, device):
-    """transformers LlamaForCausalLM with base's weights (copied) + peft LoRA r 8 / alpha 16 on the same
-    7 linears, and the same optimizer as lora_model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**base.args.to_hf_config())
-    config._attn_implementation = "sdpa"
-    hf = LlamaForCausalLM(config).to(dtype)
-    hf.load_state_dict(base.state_dict())
-    hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                       target_modules=list(lora.TARGETS)))
-    hf.to(device).train()
-    opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=1e-5)
-    return hf, opt
-
-
-def hf_step(model, opt, loss_fn) -> None:
-    loss_fn(model).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def compare_config(name: str, dtype: torch.dtype, device, a) -> list[dict]:
-    """Ours vs transformers + peft on one config and base dtype: one row per step, median tokens/s."""
-    import proxykd as pk
-    from transformers import GenerationConfig
-
-    spec = CONFIGS[name]
-    args = ModelArgs(**spec["args"])
-    s = spec["cuda" if device.type == "cuda" else "cpu"]
-    B, T, P, new = s["B"], s["T"], s["prompt"], s["new"]
-    torch.manual_seed(0)
-    base = Llama(args).to(dtype)
-    theirs, t_opt = hf_lora_model(base, dtype, device)
-    ours, o_opt = lora_model(args, dtype, device, base)
-
-    torch.manual_seed(1)
-    b1 = batch(B, T, P, args.vocab_size, device)  # stage 1: B sequences
-    b2 = batch(2 * B, T, P, args.vocab_size, device, n=B)  # stage 2: [y; y_hat]
-    b2["ref_chosen"] = b2["ref_rejected"] = torch.zeros(B, device=device)
-    sb = batch(B, T, P, args.vocab_size, device)
-    cache = RandomCache(T - P, args.vocab_size)
-    weights = {i: 0.5 for i in range(B)}
-    top_ids, top_lps = topk_cache.pad_topk(cache.rows(sb["ids"]), sb["labels"])
-    w = torch.full((B,), 0.5, device=device)
-    cfg, scfg = tp.Config(beta=0.1), ts.Config(alpha=100.0)
-    run, srun = (Run(cfg, device=device, model=ours, optimizer=o_opt),
-                 Run(scfg, device=device, model=ours, optimizer=o_opt))
-    prompts = torch.randint(4, args.vocab_size, (B, P)).tolist()
-    gen_cfg = GenerationConfig(do_sample=True, top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=new,
-                               min_new_tokens=new, pad_token_id=0, eos_token_id=None)
-    prompt_ids = torch.tensor(prompts, device=device)
-
-    def their_dpo(m):
-        lp = pk.sequence_logps(m(input_ids=b2["input_ids"]).logits, b2["labels"])
-        n = pk.num_response_tokens(b2["labels"][:B])
-        return pk.proxy_loss(lp[:B], lp[B:], b2["ref_chosen"], b2["ref_rejected"], n, cfg.beta).loss
-
-    def their_student(m):
-        logits = m(input_ids=sb["input_ids"]).logits
-        return pk.student_loss(logits, sb["labels"], top_ids, top_lps, w, scfg.alpha).loss
-
-    def decode(ours_side: bool):
-        model = ours if ours_side else theirs
-        model.eval()
-        if ours_side:
-            generate(ours, prompts, new, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
-        else:
-            with torch.no_grad():
-                theirs.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                                generation_config=gen_cfg)
-        model.train()
-
-    steps = {  # name: (tokens per call, ours, theirs)
-        "stage-1 NLL step": (B * T, lambda: tp.train_step(run, [b1]),
-                             lambda: hf_step(theirs, t_opt, lambda m: m(input_ids=b1["input_ids"],
-                                                                        labels=b1["labels"]).loss)),
-        "stage-2 NLL+DPO step": (2 * B * T, lambda: tp.train_step(run, [b2]),
-                                 lambda: hf_step(theirs, t_opt, their_dpo)),
-        "student NLL+KL step": (B * T, lambda: ts.student_step(srun, [sb], cache, weights),
-                                lambda: hf_step(theirs, t_opt, their_student)),
-        "sampling": (B * new, lambda: decode(True), lambda: decode(False)),
-    }
-    rows = []
-    median = lambda xs: sorted(xs)[len(xs) // 2]
-    for step, (n_tok, f_ours, f_theirs) in steps.items():
-        f_ours(), f_theirs()  # warm-up
-        ours_s, theirs_s, ours_f, theirs_f = [], [], [], []
-        for _ in range(a.repeats):
-            f0 = minor_faults()
-            ours_s.append(n_tok / timed(f_ours, a.steps, device, warmup=False))
-            f1 = minor_faults()
-            theirs_s.append(n_tok / timed(f_theirs, a.steps, device, warmup=False))
-            ours_f.append((f1 - f0) / a.steps)
-            theirs_f.append((minor_faults() - f1) / a.steps)
-        o, t = median(ours_s), median(theirs_s)
-        rows.append(dict(config=name, dtype=str(dtype).replace("torch.", ""), step=step, ours_tok_s=o,
-                         theirs_tok_s=t, ratio=o / t, ours_all=ours_s, theirs_all=theirs_s,
-                         ours_faults=median(ours_f), theirs_faults=median(theirs_f)))
-        print(f"  {step}: ours {o:,.0f} theirs {t:,.0f} tok/s", file=sys.stderr, flush=True)
-    return rows
-
-
-def compare_table(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| config | base dtype | step | ours tok/s | transformers + peft tok/s | ratio "
-             "| minor page faults per call, ours / theirs |", "|---|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['dtype']} | {r['step']} | {r['ours_tok_s']:,.0f} "
-                     f"| {r['theirs_tok_s']:,.0f} | {r['ratio']:.2f}x "
-                     f"| {r['ours_faults']:,.0f} / {r['theirs_faults']:,.0f} |")
-    return "\n".join(lines)
-
-
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name()} (1 GPU), torch {torch.__version__}"
@@ -508,12 +325,14 @@ def main(argv=None) -> None:
     _, _, device = ranks.init_distributed()
     if device.type == "cuda" and not a.peak_tflops:
         a.peak_tflops = peak_tflops(torch.cuda.get_device_name())
+    if a.compare_hf:  # the transformers + peft half, loaded only when asked for
+        import compare_hf
     rows = []
     for name in a.configs.split(","):
         for dt in dtypes.split(","):
             print(f"{name} {dt} ...", file=sys.stderr, flush=True)
             if a.compare_hf:
-                rows += compare_config(name, getattr(torch, dt), device, a)
+                rows += compare_hf.compare_config(name, getattr(torch, dt), device, a)
             else:
                 rows.append(bench_config(name, getattr(torch, dt), device, a))
     header = (f"Benchmark, {datetime.date.today().isoformat()}: {machine(device)}; "
@@ -524,7 +343,7 @@ def main(argv=None) -> None:
 
         header += (f" per measurement, median of {a.repeats} interleaved; "
                    f"transformers {transformers.__version__}, peft {peft.__version__}")
-    md = compare_table(rows, header) if a.compare_hf else table(rows, header)
+    md = compare_hf.compare_table(rows, header) if a.compare_hf else table(rows, header)
     if pre:
         md += "\n\n" + prepass_table(pre, f"Reference-pass decode at {world} ranks "
                                           f"({'NCCL' if cuda else 'gloo'}), "
