@@ -47,8 +47,7 @@ def worker(ckpt: str) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-
-    rank, world, device = ranks.init_distributed()  # the scripts' own choice of device
+    rank, world_size, device = ranks.init_distributed()  # the scripts' own choice of device
     torch.manual_seed(0)
     meshes, fully_shard = [], sharding.fully_shard  # every fully_shard gets the mesh of the chosen device
     sharding.fully_shard = lambda module, **kw: meshes.append(kw.get("mesh")) or fully_shard(module, **kw)
@@ -62,7 +61,7 @@ def worker(ckpt: str) -> None:
         for n, p in model.named_parameters():
             if n.endswith(".lora_B"):
                 full = 0.3 * torch.randn(p.shape, generator=g)
-                p.to_local().copy_(full[sharding.shard_rows(p.shape[0], rank, world)].to(device))
+                p.to_local().copy_(full[sharding.shard_rows(p.shape[0], rank, world_size)].to(device))
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
     # per-rank loading: every base tensor is the checkpoint's
@@ -71,7 +70,7 @@ def worker(ckpt: str) -> None:
         assert torch.equal(full_sd[k].to(device), v), k
 
     # the plan's parameter bytes are what FSDP2 allocated on this rank, padding included
-    plan = memory_plan.plan_proxy(ARGS, world, base_itemsize=4, lora_r=4)
+    plan = memory_plan.plan_proxy(ARGS, world_size, base_itemsize=4, lora_r=4)
     storage = {n: p.to_local().untyped_storage().nbytes() for n, p in model.named_parameters()}
     assert sum(v for n, v in storage.items() if ".lora_" not in n) == plan.items["frozen base shard"]
     assert 4 * sum(v for n, v in storage.items() if ".lora_" in n) == plan.items["LoRA + grads + Adam"]
@@ -101,25 +100,25 @@ def worker(ckpt: str) -> None:
     flat = [p for ps in PROMPTS for p in ps]
     mine = generate(tpm, flat, 8, eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(5),
                     all_ranks_done=True)
-    everyone = [None] * world
+    everyone = [None] * world_size
     dist.all_gather_object(everyone, mine)
     assert all(e == everyone[0] for e in everyone)
 
-    # 1/world of the block linears and of the KV cache on each rank (the norms are replicated); the plan
+    # 1/world_size of the block linears and of the KV cache on each rank (the norms are replicated); the plan
     # counts the copy's weights exactly
     def nbytes(m, linears_only):
         return sum(p.numel() * p.element_size() for n, p in m.named_parameters()
                    if n.endswith("_proj.weight") or not linears_only)
 
-    assert world * nbytes(tpm, True) == nbytes(ref, True)
+    assert world_size * nbytes(tpm, True) == nbytes(ref, True)
     assert nbytes(tpm, False) == plan.items["TP decode: block slices + replicated root"]
     caches = []
     for m in (tpm, ref):
         cache = KVCache(10)
         m(torch.tensor([[1, 2, 3], [4, 5, 6]], device=device), cache=cache)
         caches.append(sum(t.numel() * t.element_size() for d in (cache.k, cache.v) for t in d.values()))
-    assert world * caches[0] == caches[1] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4)
-    assert caches[0] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4, world)
+    assert world_size * caches[0] == caches[1] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4)
+    assert caches[0] == memory_plan.kv_cache_bytes(ARGS, 2, 10, 4, world_size)
 
     # the FSDP model still trains after the copy was built from it (its units were resharded)
     model.train()
