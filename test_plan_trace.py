@@ -108,3 +108,12 @@ def test_plan_trace_from_the_command_line(traced, base, monkeypatch, capsys):
             assert row.split(" | ")[1:3] == [f"{plan.phases[phase] / 2**20:.2f}", f"{t.peak / 2**20:.2f}"]
         assert f"{world} ranks (MiB per GPU)" in out and "NCCL" in table
         assert "agree within 10% in every phase" in table
+
+
+@pytest.mark.parametrize("script", [train_proxy, train_student])
+def test_trace_without_plan_stops_in_one_line(script, base, capsys):
+    """--trace alone would train instead of tracing: it is refused before anything loads."""
+    argv = ["--base", base, "--tokenizer", base, "--data", base, "--trace"]
+    with pytest.raises(SystemExit) as e:
+        script.parse_args(argv + (["--proxy", base] if script is train_student else []))
+    assert e.value.code == 2 and "--trace traces the memory plan: give it with --plan" in capsys.readouterr().err

@@ -357,6 +357,8 @@ def parse_args(argv=None) -> Config:
         p.error("--sampler must be auto, gathered or tensor_parallel")
     if cfg.keep_best and not cfg.eval_data:
         p.error("--keep_best needs --eval_data (the held-out NLL it selects by)")
+    if cfg.trace and not cfg.plan:
+        p.error("--trace traces the memory plan: give it with --plan")
     return cfg
 
 

@@ -359,6 +359,8 @@ def parse_args(argv=None) -> Config:
         p.error("--max_examples >= 0 and --epochs >= 1")
     if cfg.keep_best and not cfg.eval_data:
         p.error("--keep_best needs --eval_data (the held-out NLL it selects by)")
+    if cfg.trace and not cfg.plan:
+        p.error("--trace traces the memory plan: give it with --plan")
     cfg.cache_dir = cfg.cache_dir or os.path.join(cfg.out, "cache")
     return cfg
 
