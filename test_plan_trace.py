@@ -116,4 +116,5 @@ def test_trace_without_plan_stops_in_one_line(script, base, capsys):
     argv = ["--base", base, "--tokenizer", base, "--data", base, "--trace"]
     with pytest.raises(SystemExit) as e:
         script.parse_args(argv + (["--proxy", base] if script is train_student else []))
-    assert e.value.code == 2 and "--trace traces the memory plan: give it with --plan" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "--trace traces the memory plan: give it with --plan" in capsys.readouterr().err
