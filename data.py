@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import sentencepiece as spm
 import torch
 
+from model import to_device  # the scripts and the other modules call it as data.to_device too
 from proxykd import IGNORE_INDEX, num_response_tokens
 
 log = logging.getLogger(__name__)
@@ -325,13 +326,6 @@ def make_batch(ids: list[int], encoded: dict, pad_id: int, device, extra: list[d
     batch["n_rows"] = int(num_response_tokens(cpu["labels"]))  # every row's: the fused heads' row count
     batch["n_fwd"] = float(sum(len(e["input_ids"]) for e in encs))
     return batch
-
-
-def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU from pinned memory without blocking the host."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], object]:

@@ -578,10 +578,10 @@ def generate(
     device = next(model.parameters()).device
     B, L, T = len(prompts), max(len(p) for p in prompts), max_new_tokens
     padded = [[pad_id] * (L - len(p)) + list(p) for p in prompts]
-    tokens = _to_device(torch.tensor(padded, dtype=torch.long), device)
+    tokens = to_device(torch.tensor(padded, dtype=torch.long), device)
     # key-padding mask (B, L + T) over prompt and new tokens: step t reads only columns < L + t + 1, all real
     start = torch.tensor([L - len(p) for p in prompts])
-    valid = _to_device(torch.arange(L + T) >= start[:, None], device)
+    valid = to_device(torch.arange(L + T) >= start[:, None], device)
     # each row's positions count from its first real token, as if it were alone
     position_ids = (valid[:, :L].long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
     next_pos = position_ids[:, -1:] + 1  # (B, 1)
@@ -591,7 +591,7 @@ def generate(
     # per-step draw of B would have been at step t. Rewound afterwards and advanced by the steps sampled.
     gen = torch.default_generator if generator is None else generator
     state = gen.get_state() if not (greedy or temperature == 0) and gen.device.type == "cpu" else None
-    u = None if state is None else _to_device(torch.rand(T, B, generator=gen, dtype=torch.float64), device)
+    u = None if state is None else to_device(torch.rand(T, B, generator=gen, dtype=torch.float64), device)
     out = []
     try:
         with gathered(model), _frozen_branches(model), _without_cudnn_attention():
@@ -637,10 +637,13 @@ def generate(
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`: off the CPU through pinned memory, asynchronously (a pageable copy
-    makes the host wait for it)."""
-    return x if device.type == "cpu" else x.pin_memory().to(device, non_blocking=True)
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host (a pageable copy
+    makes the host wait for it). The one way the code moves host data to a device (data.py's batches
+    too)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @contextmanager

@@ -346,19 +346,19 @@ class _OpCounter(TorchDispatchMode):
 
 def test_generate_waits_for_no_device_value_and_copies_per_call(monkeypatch):
     """In generate nothing reads a device value into Python (no _local_scalar_dense: .item(), bool(t);
-    no nonzero), and the host-to-device copies (model._to_device; torch.tensor builds host tensors) are
+    no nonzero), and the host-to-device copies (model.to_device; torch.tensor builds host tensors) are
     a fixed number per call, whatever max_new_tokens: the CPU side of the CUDA suite's sync count."""
     model = tiny(seed=5)
     prompts = [[1, 2, 3], [4], [5, 6, 7, 1, 2]]
     calls = Counter()
-    to_device, tensor = model_module._to_device, torch.tensor
+    to_device, tensor = model_module.to_device, torch.tensor
 
     def count(name, fn):
         def spy(*a, **k):
             calls[name] += 1
             return fn(*a, **k)
         return spy
-    monkeypatch.setattr(model_module, "_to_device", count("to_device", to_device))
+    monkeypatch.setattr(model_module, "to_device", count("to_device", to_device))
     monkeypatch.setattr(torch, "tensor", count("tensor", tensor))
     seen = {}
     for n in (3, 17):
