@@ -82,11 +82,16 @@ def regime_job(a, world: dict, arm: str, n: int, n_s: int, every: int, seed: int
                        f"{root}/regime_students/{name}", eval_data=world["w"]["validation"])
 
 
+def read_metrics(run_dir: str) -> list[dict]:
+    """A run's metrics.jsonl, one dict per line."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def kept_eval(run_dir: str) -> dict:
     """What a --keep_best run kept, from its metrics.jsonl: best_step, best_eval_nll, last_step and
     eval_steps (the steps of its validation evaluations, in order)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(run_dir)
     best = [r for r in records if "best_step" in r][-1]
     return dict(best_step=best["best_step"], best_eval_nll=best["best_eval_nll"], last_step=best["step"],
                 eval_steps=[r["step"] for r in records if "eval_nll" in r])
@@ -106,11 +111,9 @@ def kept_model(run_dir: str) -> str:
 
 def weights_mean(run_dir: str) -> float:
     """Eq. 9's mean weight over D_s, from a Proxy-KD run's metrics.jsonl (its "phase": "weights" line)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("phase") == "weights":
-                return r["w_mean"]
+    for r in read_metrics(run_dir):
+        if r.get("phase") == "weights":
+            return r["w_mean"]
     raise ValueError(f"{run_dir}/metrics.jsonl has no weights line")
 
 

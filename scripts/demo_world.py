@@ -295,9 +295,14 @@ def extract_answer(text: str) -> str | None:
 def write_demo_jsonl(path: str, n: int, seed: int, rich: bool = False, **ranges) -> str:
     """n teacher examples {"prompt", "response"} (deterministic in (n, seed, rich, ranges); ranges go to
     make_demo_prompts) -> path, written atomically."""
+    return _write_replies(path, make_demo_prompts(n, seed, **ranges), seed, rich)
+
+
+def _write_replies(path: str, prompts: list[str], seed: int, rich: bool) -> str:
+    """The teacher's reply to each prompt, in order, from one stream seeded by `seed` -> path as JSONL,
+    written atomically."""
     rng = np.random.default_rng([seed, 0x7EAC])
-    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n"
-             for p in make_demo_prompts(n, seed, **ranges)]
+    lines = [json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n" for p in prompts]
     atomic_write(path, "".join(lines).encode("utf-8"))
     return path
 
@@ -320,10 +325,7 @@ def write_fresh_jsonl(path: str, n: int, seed: int, exclude: set[str], rich: boo
                 kept.append(p)
             seen.add(p)
         m *= 2
-    rng = np.random.default_rng([seed, 0x7EAC])
-    atomic_write(path, "".join(json.dumps({"prompt": p, "response": demo_teacher(p, rng, rich)}) + "\n"
-                               for p in kept).encode("utf-8"))
-    return path
+    return _write_replies(path, kept, seed, rich)
 
 
 def train_demo_tokenizer(jsonl_paths: list[str], model_prefix: str, vocab_size: int = 320) -> str:
