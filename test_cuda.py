@@ -25,6 +25,7 @@ import fast
 import proxykd as pk
 from model import Llama, ModelArgs
 from scripts import demo_world
+from test_fast import RandomTopkCache, random_example
 from test_losses import _student_setup
 from test_train_proxy import ROOT, adapter, launch, metrics, ok, run_in_session, steps_of
 
@@ -258,13 +259,27 @@ def test_masked_gqa_prefill_and_decode_run_without_the_math_kernel():
             assert (got - ref).abs().max() <= 0.03 * ref.abs().max(), (backends, det)
 
 
+def _sync_calls(fn):
+    """fn() under torch.cuda.set_sync_debug_mode("warn") -> (its result, the "file:line" of each
+    synchronizing CUDA call it made)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return out, [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                 if "called a synchronizing CUDA operation" in str(w.message)]
+
+
 def test_generate_syncs_a_fixed_few_times_per_call_on_cuda():
     """model.generate on CUDA under torch.cuda.set_sync_debug_mode("warn"): the synchronizing calls per
     call (reading the new tokens back at the end) do not grow with max_new_tokens, greedy or sampled, and
     stopping early when every row is done adds none (the stop flag is read from pinned memory after an
     event)."""
-    import warnings
-
     from model import generate
 
     model = _gqa_model(torch.float32)
@@ -277,15 +292,8 @@ def test_generate_syncs_a_fixed_few_times_per_call_on_cuda():
     for n in (4, 24):
         for name, (ps, eos, sampling) in cases.items():
             generate(model, ps, n, eos_id=eos, pad_id=0, **sampling)  # warm: allocator, kernels
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    out = generate(model, ps, n, eos_id=eos, pad_id=0, **sampling)
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            counts[name, n] = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
-                               if "called a synchronizing CUDA operation" in str(w.message)]
+            out, counts[name, n] = _sync_calls(lambda: generate(model, ps, n, eos_id=eos, pad_id=0,
+                                                                **sampling))
             assert [len(r) for r in out] == ([0] if eos == first else [n] * len(ps))
     assert all(len(counts[name, 4]) == len(counts[name, 24]) for name in cases), counts
     assert max(map(len, counts.values())) <= 2, counts
@@ -300,8 +308,6 @@ def test_training_steps_sync_once_on_cuda(tmp_path):
     torch.cuda.set_sync_debug_mode("warn"): one synchronizing call per step, reading its all-reduced
     metrics back, whatever the micro-batches hold: counts come from the host, cache rows and weights go
     to the GPU pinned and non-blocking, and the fused heads know their row counts."""
-    import warnings
-
     import torch.distributed as dist
 
     import lora
@@ -321,25 +327,15 @@ def test_training_steps_sync_once_on_cuda(tmp_path):
         params = [p for p in model.parameters() if p.requires_grad]
         assert all(p.is_cuda for p in model.parameters())
 
-        def example(n_prompt, n_reply):
-            ids = torch.randint(1, V, (n_prompt + n_reply,), generator=g).tolist()
-            return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
-
-        encoded = {i: example(5 + i, 6 + 3 * i) for i in range(5)}
-        y_hat = [example(5 + i, 4 + i) for i in range(5)]
+        encoded = {i: random_example(g, V, 5 + i, 6 + 3 * i) for i in range(5)}
+        y_hat = [random_example(g, V, 5 + i, 4 + i) for i in range(5)]
         groups = ([0, 1, 2], [3, 4])
         pairs = [data.make_batch(m, encoded, 0, "cuda", extra=[y_hat[i] for i in m]) for m in groups]
         for b in pairs:
             b["ref_chosen"] = data.to_device(-20 * torch.rand(b["n"], generator=g), "cuda")
             b["ref_rejected"] = data.to_device(-20 * torch.rand(b["n"], generator=g), "cuda")
         micro = [data.make_batch(m, encoded, 0, "cuda") for m in groups]
-        n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
-        rows = {i: (torch.randint(0, V, (n[i], 4), generator=g, dtype=torch.int32),
-                    torch.log_softmax(torch.randn(n[i], 5, generator=g), -1)[:, :4].half()) for i in n}
-
-        class Cache:
-            def rows(self, ids):
-                return [rows[i] for i in ids]
+        cache = RandomTopkCache(encoded, V, 4, g)
 
         steps = {"proxy": lambda: train_proxy.train_step(Run(train_proxy.Config(),
                                                              device=torch.device("cuda", 0),
@@ -347,19 +343,11 @@ def test_training_steps_sync_once_on_cuda(tmp_path):
                  "student": lambda: train_student.student_step(Run(train_student.Config(),
                                                                    device=torch.device("cuda", 0),
                                                                    model=model, optimizer=opt),
-                                                               micro, Cache(), {i: 0.5 for i in encoded})}
+                                                               micro, cache, {i: 0.5 for i in encoded})}
         opt = torch.optim.SGD(params, lr=1e-3)
         for name, step in steps.items():
             step()  # warm: kernels, allocator, pinned host blocks
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    out = step()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
-            syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
-                     if "called a synchronizing CUDA operation" in str(w.message)]
+            out, syncs = _sync_calls(step)
             assert out.finite and len(syncs) == 1, (name, syncs)
     finally:
         dist.destroy_process_group()

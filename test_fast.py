@@ -220,6 +220,27 @@ def test_proxy_cache_roundtrip_and_self_distillation():
         topk_cache.pad_topk(rows, make_labels(g, [(1, 9), (4, 8), (1, 5)], T, V))
 
 
+def random_example(g: torch.Generator, vocab: int, n_prompt: int, n_reply: int) -> dict:
+    """An encoded example (data.encode_example's form) of random tokens: n_prompt masked, n_reply scored."""
+    ids = torch.randint(1, vocab, (n_prompt + n_reply,), generator=g).tolist()
+    return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+
+
+class RandomTopkCache:
+    """A stand-in for topk_cache.ProxyCache: a random top-k row per response token of each encoded
+    example (ids int32, fp16 log-probs of a k + 1 outcome distribution), drawn once, so every call sees
+    the same rows."""
+
+    def __init__(self, encoded: dict, vocab: int, k: int, g: torch.Generator):
+        n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
+        self.r = {i: (torch.randint(0, vocab, (n[i], k), generator=g, dtype=torch.int32),
+                      torch.log_softmax(torch.randn(n[i], k + 1, generator=g), -1)[:, :k].half())
+                  for i in n}
+
+    def rows(self, ids):
+        return [self.r[i] for i in ids]
+
+
 def test_training_steps_give_the_same_step_with_either_loss_head():
     """One optimizer step of each script with --loss reference (full logits, proxykd.py as written) and with
     --loss fused (fast.py): the same logged values and the same LoRA update. An fp64 model and SGD at lr 1,
@@ -248,12 +269,8 @@ def test_training_steps_give_the_same_step_with_either_loss_head():
             torch.nn.init.normal_(p, std=0.1, generator=g)
         start = [p.detach().clone() for p in params]
 
-        def example(n_prompt, n_reply):
-            ids = torch.randint(1, V, (n_prompt + n_reply,), generator=g).tolist()
-            return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
-
-        encoded = {i: example(3 + i % 4, 4 + 2 * i) for i in range(5)}
-        rows = [example(3 + i % 4, 2 + i) for i in range(5)]  # the proxy's own replies y_hat
+        encoded = {i: random_example(g, V, 3 + i % 4, 4 + 2 * i) for i in range(5)}
+        rows = [random_example(g, V, 3 + i % 4, 2 + i) for i in range(5)]  # the proxy's own replies y_hat
         micro = [data.make_batch(m, encoded, 0, "cpu") for m in ([0, 1, 2], [3, 4])]
         pairs = [data.make_batch(m, encoded, 0, "cpu", extra=[rows[i] for i in m])
                  for m in ([0, 1, 2], [3, 4])]
@@ -261,17 +278,7 @@ def test_training_steps_give_the_same_step_with_either_loss_head():
             b["ref_chosen"], b["ref_rejected"] = (-torch.rand(b["n"], generator=g) * 20,
                                                   -torch.rand(b["n"], generator=g) * 20)
 
-        class Cache:  # random top-k rows per response token
-            def __init__(self):
-                n = {i: sum(y != -100 for y in e["labels"][1:]) for i, e in encoded.items()}
-                self.r = {i: (torch.randint(0, V, (n[i], k), generator=g, dtype=torch.int32),
-                              torch.log_softmax(torch.randn(n[i], k + 1, generator=g), -1)[:, :k].half())
-                          for i in n}
-
-            def rows(self, ids):
-                return [self.r[i] for i in ids]
-
-        cache, weights = Cache(), {i: 0.2 + 0.15 * i for i in encoded}
+        cache, weights = RandomTopkCache(encoded, V, k, g), {i: 0.2 + 0.15 * i for i in encoded}
         steps = {
             "proxy warm-up (Eq. 3)": lambda run: train_proxy.train_step(run, micro),
             "proxy alignment (Eq. 6)": lambda run: train_proxy.train_step(run, pairs),

@@ -20,6 +20,7 @@ import train_student
 from model import Llama, ModelArgs
 from run import Run
 from scripts import demo_world
+from test_fast import RandomTopkCache
 from test_train_proxy import launch, steps_of
 
 
@@ -115,19 +116,21 @@ class HostTraffic(TorchDispatchMode):
             finally:
                 sanctioned.pop()
 
+        def from_step_code():  # the spied call's caller (two frames up: the spy, then its caller)
+            return os.path.basename(sys._getframe(2).f_code.co_filename) in STEP_CODE
+
         def reads(name):  # reads of a whole tensor, which on the CPU dispatch no op: counted where the step's
             real = getattr(torch.Tensor, name)  # own code does them (the cache's host rows are host tensors)
 
             def read(t, *args, **kwargs):
-                self.syncs += os.path.basename(sys._getframe(1).f_code.co_filename) in STEP_CODE
+                self.syncs += from_step_code()
                 return real(t, *args, **kwargs)
             monkeypatch.setattr(torch.Tensor, name, read)
 
         real_setitem = torch.Tensor.__setitem__
 
         def setitem(t, index, value):  # t[i] = <a Python number> copies a host scalar to t's device
-            self.stray += isinstance(value, (int, float)) and os.path.basename(
-                sys._getframe(1).f_code.co_filename) in STEP_CODE
+            self.stray += isinstance(value, (int, float)) and from_step_code()
             return real_setitem(t, index, value)
 
         monkeypatch.setattr(torch, "tensor", tensor)
@@ -161,16 +164,11 @@ def test_training_steps_wait_for_the_host_once(world, monkeypatch):
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         micro = [data.make_batch(m, encoded, tok.pad_id, "cpu") for m in (ids[:3], ids[3:])]
 
-        class Cache:  # a random top-4 cache row per response token
-            def rows(self, b_ids):
-                return [(torch.randint(0, tok.vocab_size, (n, 4), dtype=torch.int32),
-                         torch.log_softmax(torch.randn(n, 5), -1)[:, :4].half())
-                        for n in (sum(y != -100 for y in encoded[i]["labels"][1:]) for i in b_ids)]
-
+        cache = RandomTopkCache(encoded, tok.vocab_size, 4, torch.Generator().manual_seed(0))
         steps = {1: lambda: train_proxy.train_step(
                      Run(train_proxy.Config(), model=model, optimizer=opt), micro),
                  1 + 3 * len(micro): lambda: train_student.student_step(
-                     Run(train_student.Config(), model=model, optimizer=opt), micro, Cache(),
+                     Run(train_student.Config(), model=model, optimizer=opt), micro, cache,
                      {i: 0.5 for i in ids})}
         for copies, step in steps.items():
             with monkeypatch.context() as m, HostTraffic(m) as c:
